@@ -1,0 +1,129 @@
+// Python bindings: cmx._core. Thin: validation and ownership stay in C++; the user API lives in
+// python/cmx/model.py.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "engine.h"
+
+namespace py = pybind11;
+using namespace cmx;
+
+namespace {
+
+const char *ggml_type_name_of(const ggml_tensor *t) { return ggml_type_name(t->type); }
+
+py::dict model_info(const Model &m) {
+    const HParams &hp = m.hp;
+    py::dict d;
+    d["arch"] = hp.arch_name;
+    d["name"] = hp.name;
+    d["n_layer"] = hp.n_layer;
+    d["n_embd"] = hp.n_embd;
+    d["n_ff"] = hp.n_ff;
+    d["n_vocab"] = hp.n_vocab;
+    d["n_head"] = hp.n_head;
+    d["n_head_kv"] = hp.n_head_kv;
+    d["head_dim"] = hp.head_dim;
+    d["n_ctx_train"] = hp.n_ctx_train;
+    d["rope_freq_base"] = hp.rope_freq_base;
+    d["rope_freq_scale"] = hp.rope_freq_scale;
+    d["norm_eps"] = hp.norm_eps;
+    d["file_type"] = hp.file_type;
+    d["tied_output"] = m.tied_output;
+    d["ffn_type"] = ggml_type_name_of(m.layers[0].ffn_gate);
+    d["token_embd_type"] = ggml_type_name_of(m.tok_embd);
+    d["device"] = m.device_name;
+    d["weight_bytes"] = m.weight_bytes();
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, mod) {
+    mod.doc() = "cmx engine: a ggml decoder graph for llama/qwen2 GGUF models";
+    static py::exception<load_error> model_load_error(mod, "ModelLoadError", PyExc_ValueError);
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const load_error &e) {
+            py::set_error(model_load_error, e.what());
+        }
+    });
+
+    py::class_<Engine>(mod, "Engine")
+        .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu) {
+                 if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be > 0, got " + std::to_string(n_ctx));
+                 if (n_batch <= 0) throw std::invalid_argument("n_batch must be > 0, got " + std::to_string(n_batch));
+                 if (n_threads < 0) throw std::invalid_argument("n_threads must be >= 0 (0: all cores)");
+                 LoadParams lp;
+                 lp.n_threads = n_threads;
+                 lp.use_gpu = use_gpu;
+                 std::shared_ptr<Model> model;
+                 {
+                     py::gil_scoped_release nogil;
+                     model = load_model(path, lp);
+                 }
+                 return std::make_unique<Engine>(model, EngineParams{n_ctx, n_batch});
+             }),
+             py::arg("path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
+             py::arg("use_gpu") = true)
+        .def_property_readonly("info", [](const Engine &e) { return model_info(e.model()); })
+        .def_property_readonly("n_ctx", &Engine::n_ctx)
+        .def_property_readonly("n_batch", &Engine::n_batch)
+        .def_property("n_threads", [](const Engine &e) { return e.model().n_threads; },
+                      [](Engine &e, int n) { const_cast<Model &>(e.model()).set_n_threads(n); })
+        .def(
+            "decode",
+            [](Engine &e, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+               py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
+               py::array_t<int32_t, py::array::c_style | py::array::forcecast> out_rows, py::object embd,
+               int prune_after_layer, py::object keep_rows) {
+                Batch b;
+                b.tokens.assign(tokens.data(), tokens.data() + tokens.size());
+                b.pos.assign(pos.data(), pos.data() + pos.size());
+                b.out_rows.assign(out_rows.data(), out_rows.data() + out_rows.size());
+                py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
+                if (!embd.is_none()) {
+                    embd_arr = embd.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
+                    if (embd_arr.ndim() != 2 || embd_arr.shape(1) != e.model().hp.n_embd)
+                        throw std::invalid_argument("embeddings must have shape (n, n_embd=" + std::to_string(e.model().hp.n_embd) + ")");
+                    b.embd = embd_arr.data();
+                    b.n_embd_rows = (int)embd_arr.shape(0);
+                }
+                Prune prune;
+                prune.after_layer = prune_after_layer;
+                if (!keep_rows.is_none()) prune.keep_rows = keep_rows.cast<std::vector<int32_t>>();
+                std::vector<float> logits;
+                {
+                    py::gil_scoped_release nogil;
+                    logits = e.decode(b, prune);
+                }
+                const py::ssize_t n_vocab = e.model().hp.n_vocab;
+                py::array_t<float> out({(py::ssize_t)b.out_rows.size(), n_vocab});
+                std::copy(logits.begin(), logits.end(), out.mutable_data());
+                return out;
+            },
+            py::arg("tokens"), py::arg("pos"), py::arg("out_rows"), py::arg("embd") = py::none(),
+            py::arg("prune_after_layer") = -1, py::arg("keep_rows") = py::none(),
+            "Evaluate rows (token ids, -1 for rows from `embd`) at explicit positions on top of the cache; "
+            "returns float32 logits [len(out_rows), n_vocab].")
+        .def("set_ffn_neurons",
+             [](Engine &e, const std::vector<std::vector<int32_t>> &per_layer) {
+                 std::vector<FfnNeurons> sets(per_layer.size());
+                 for (size_t i = 0; i < per_layer.size(); ++i) sets[i].rows = per_layer[i];
+                 e.set_ffn_neurons(std::move(sets));
+             },
+             py::arg("per_layer"), "Neuron index sets per layer (empty list: dense).")
+        .def("clear", [](Engine &e) { e.cache().clear(); }, "Forget every cached token.")
+        .def("truncate", [](Engine &e, int n) { e.cache().truncate(n); }, py::arg("n"),
+             "Keep only the first n cached tokens of every layer.")
+        .def("cache_len", [](Engine &e, int layer) {
+                 if (layer < 0 || layer >= e.model().hp.n_layer) throw std::out_of_range("layer out of range");
+                 return e.cache().layers[layer].pos.size();
+             }, py::arg("layer"))
+        .def("cache_positions", [](Engine &e, int layer) {
+                 if (layer < 0 || layer >= e.model().hp.n_layer) throw std::out_of_range("layer out of range");
+                 return e.cache().layers[layer].pos;
+             }, py::arg("layer"));
+}

@@ -1,0 +1,368 @@
+// Loading: GGUF metadata -> HParams, tensor validation, weights placed in backend buffers.
+//
+// On a device that can wrap host memory (CPU, Metal) the weights stay in the file mapping and
+// are never copied; only tensors that the CPU backend wants repacked (e.g. Q4_0 on AVX2, the
+// "extra" buffer types llama.cpp uses too) are copied into a buffer of that type.
+#include "model.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+#include "ggml-alloc.h"
+#include "ggml-cpu.h"
+
+namespace cmx {
+
+const char *arch_name(Arch arch) { return arch == Arch::qwen2 ? "qwen2" : "llama"; }
+
+namespace {
+
+std::string fmt_shape(const int64_t *ne, int n) {
+    std::string s = "[";
+    for (int i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(ne[i]);
+    return s + "]";
+}
+
+// Typed metadata access with the key's own type checked (a wrong type is a load_error, not an
+// assert inside gguf).
+class Meta {
+   public:
+    explicit Meta(const gguf_context *ctx, std::string arch) : ctx_(ctx), arch_(std::move(arch)) {}
+
+    std::string key(const char *suffix) const { return arch_ + "." + suffix; }
+
+    bool has(const std::string &k) const { return gguf_find_key(ctx_, k.c_str()) >= 0; }
+
+    std::string str(const std::string &k, const std::string &dflt) const {
+        int64_t id = gguf_find_key(ctx_, k.c_str());
+        if (id < 0) return dflt;
+        if (gguf_get_kv_type(ctx_, id) != GGUF_TYPE_STRING) throw load_error("metadata key '" + k + "' is not a string");
+        return gguf_get_val_str(ctx_, id);
+    }
+
+    double num(const std::string &k, double dflt, bool required = false) const {
+        int64_t id = gguf_find_key(ctx_, k.c_str());
+        if (id < 0) {
+            if (required) throw load_error("missing metadata key '" + k + "'");
+            return dflt;
+        }
+        switch (gguf_get_kv_type(ctx_, id)) {
+            case GGUF_TYPE_UINT8: return gguf_get_val_u8(ctx_, id);
+            case GGUF_TYPE_INT8: return gguf_get_val_i8(ctx_, id);
+            case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx_, id);
+            case GGUF_TYPE_INT16: return gguf_get_val_i16(ctx_, id);
+            case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx_, id);
+            case GGUF_TYPE_INT32: return gguf_get_val_i32(ctx_, id);
+            case GGUF_TYPE_UINT64: return (double)gguf_get_val_u64(ctx_, id);
+            case GGUF_TYPE_INT64: return (double)gguf_get_val_i64(ctx_, id);
+            case GGUF_TYPE_FLOAT32: return gguf_get_val_f32(ctx_, id);
+            case GGUF_TYPE_FLOAT64: return gguf_get_val_f64(ctx_, id);
+            case GGUF_TYPE_ARRAY:
+                // per-layer arrays (e.g. head_count_kv): uniform values only
+                if (gguf_get_arr_n(ctx_, id) > 0 && (gguf_get_arr_type(ctx_, id) == GGUF_TYPE_INT32 ||
+                                                     gguf_get_arr_type(ctx_, id) == GGUF_TYPE_UINT32)) {
+                    const int32_t *v = (const int32_t *)gguf_get_arr_data(ctx_, id);
+                    for (size_t i = 1; i < gguf_get_arr_n(ctx_, id); ++i)
+                        if (v[i] != v[0]) throw load_error("metadata key '" + k + "' varies per layer (unsupported)");
+                    return v[0];
+                }
+                [[fallthrough]];
+            default: throw load_error("metadata key '" + k + "' is not a number");
+        }
+    }
+
+    int count(const std::string &k) const {
+        int64_t id = gguf_find_key(ctx_, k.c_str());
+        if (id < 0 || gguf_get_kv_type(ctx_, id) != GGUF_TYPE_ARRAY) return 0;
+        return (int)gguf_get_arr_n(ctx_, id);
+    }
+
+   private:
+    const gguf_context *ctx_;
+    std::string arch_;
+};
+
+HParams read_hparams(const gguf_context *gguf) {
+    HParams hp;
+    Meta general(gguf, "general");
+    hp.arch_name = general.str("general.architecture", "");
+    if (hp.arch_name.empty()) throw load_error("GGUF has no general.architecture key");
+    if (hp.arch_name == "llama") {
+        hp.arch = Arch::llama;
+        hp.rope_mode = GGML_ROPE_TYPE_NORMAL;
+    } else if (hp.arch_name == "qwen2") {
+        hp.arch = Arch::qwen2;
+        hp.rope_mode = GGML_ROPE_TYPE_NEOX;
+    } else {
+        throw load_error("unsupported architecture '" + hp.arch_name + "' (cmx supports: llama, qwen2)");
+    }
+    hp.name = general.str("general.name", "");
+    hp.file_type = (uint32_t)general.num("general.file_type", 0);
+
+    Meta m(gguf, hp.arch_name);
+    hp.n_ctx_train = (int)m.num(m.key("context_length"), 4096);
+    hp.n_embd = (int)m.num(m.key("embedding_length"), 0, true);
+    hp.n_ff = (int)m.num(m.key("feed_forward_length"), 0, true);
+    hp.n_layer = (int)m.num(m.key("block_count"), 0, true);
+    hp.n_head = (int)m.num(m.key("attention.head_count"), 0, true);
+    hp.n_head_kv = (int)m.num(m.key("attention.head_count_kv"), hp.n_head);
+    hp.norm_eps = (float)m.num(m.key("attention.layer_norm_rms_epsilon"), 0, true);
+    if (hp.n_embd <= 0 || hp.n_ff <= 0 || hp.n_layer <= 0 || hp.n_head <= 0 || hp.n_head_kv <= 0)
+        throw load_error("invalid hyperparameters (embedding/feed_forward length, block or head count <= 0)");
+    if (hp.n_head % hp.n_head_kv != 0)
+        throw load_error("head_count (" + std::to_string(hp.n_head) + ") is not a multiple of head_count_kv (" +
+                         std::to_string(hp.n_head_kv) + ")");
+    hp.head_dim = (int)m.num(m.key("attention.key_length"), hp.n_embd / hp.n_head);
+    if ((int)m.num(m.key("attention.value_length"), hp.head_dim) != hp.head_dim)
+        throw load_error("attention.value_length differs from key_length (unsupported)");
+    hp.n_rot = (int)m.num(m.key("rope.dimension_count"), hp.head_dim);
+    if (hp.n_rot != hp.head_dim) throw load_error("rope.dimension_count != head dimension (unsupported)");
+
+    hp.rope_freq_base = (float)m.num(m.key("rope.freq_base"), 10000.0);
+    std::string scaling = m.str(m.key("rope.scaling.type"), "linear");
+    double factor = m.num(m.key("rope.scaling.factor"), m.num(m.key("rope.scale_linear"), 0.0));
+    if (scaling == "none") {
+        hp.rope_scaling = RopeScaling::none;
+        factor = 0.0;
+    } else if (scaling == "linear") {
+        hp.rope_scaling = RopeScaling::linear;
+    } else if (scaling == "yarn") {
+        hp.rope_scaling = RopeScaling::yarn;
+    } else {
+        throw load_error("unsupported rope.scaling.type '" + scaling + "'");
+    }
+    hp.rope_freq_scale = factor == 0.0 ? 1.0f : (float)(1.0 / factor);
+    hp.n_ctx_orig = (int)m.num(m.key("rope.scaling.original_context_length"), hp.n_ctx_train);
+    if (hp.rope_scaling == RopeScaling::yarn) {
+        // llama.cpp: ext_factor 1; the mscale attention factor cancels out for these models
+        hp.yarn_ext_factor = (float)m.num(m.key("rope.scaling.yarn_ext_factor"), 1.0);
+        hp.yarn_beta_fast = (float)m.num(m.key("rope.scaling.yarn_beta_fast"), 32.0);
+        hp.yarn_beta_slow = (float)m.num(m.key("rope.scaling.yarn_beta_slow"), 1.0);
+    }
+    hp.yarn_attn_factor = (float)m.num(m.key("rope.scaling.attn_factor"), 1.0);
+
+    hp.n_vocab = (int)m.num(m.key("vocab_size"), general.count("tokenizer.ggml.tokens"));
+    return hp;
+}
+
+struct TensorCheck {
+    const gguf_context *gguf;
+    ggml_context *ctx;
+    size_t data_offset;
+    size_t file_size;
+
+    // Returns the tensor after checking its shape and that its bytes lie inside the file.
+    ggml_tensor *get(const std::string &name, std::vector<int64_t> shape, bool required = true) const {
+        int64_t id = gguf_find_tensor(gguf, name.c_str());
+        if (id < 0) {
+            if (required) throw load_error("missing tensor '" + name + "'");
+            return nullptr;
+        }
+        ggml_tensor *t = ggml_get_tensor(ctx, name.c_str());
+        if (!t) throw load_error("tensor '" + name + "' has no descriptor");
+        int n = ggml_n_dims(t);
+        bool ok = n <= (int)shape.size();
+        for (size_t i = 0; ok && i < GGML_MAX_DIMS; ++i) ok = t->ne[i] == (i < shape.size() ? shape[i] : 1);
+        if (!ok)
+            throw load_error("tensor '" + name + "' has shape " + fmt_shape(t->ne, n) + ", expected " +
+                             fmt_shape(shape.data(), (int)shape.size()));
+        size_t end = data_offset + gguf_get_tensor_offset(gguf, id) + ggml_nbytes(t);
+        if (end > file_size)
+            throw load_error("file is truncated: tensor '" + name + "' ends at byte " + std::to_string(end) +
+                             " but the file has " + std::to_string(file_size) + " bytes");
+        return t;
+    }
+};
+
+// The CPU backend's extra buffer types (weight repacking). A weight goes there when the device
+// says its matmul is supported from that buffer type, the same test llama.cpp applies.
+bool matmul_supported_from(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, ggml_tensor *w) {
+    ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, true};
+    ggml_context *ctx = ggml_init(ip);
+    ggml_tensor *wc = ggml_new_tensor(ctx, w->type, GGML_MAX_DIMS, w->ne);
+    ggml_tensor *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
+    ggml_tensor *op = ggml_mul_mat(ctx, wc, x);
+    ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(buft, 0);
+    wc->buffer = dummy;
+    bool ok = ggml_backend_dev_supports_op(dev, op);
+    ggml_backend_buffer_free(dummy);
+    ggml_free(ctx);
+    return ok;
+}
+
+std::vector<ggml_backend_buffer_type_t> cpu_extra_bufts(ggml_backend_dev_t cpu_dev) {
+    std::vector<ggml_backend_buffer_type_t> out;
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu_dev);
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra) return out;
+    for (ggml_backend_buffer_type_t *p = get_extra(cpu_dev); p && *p; ++p) out.push_back(*p);
+    return out;
+}
+
+}  // namespace
+
+Model::~Model() {
+    for (auto b : weight_buffers) ggml_backend_buffer_free(b);
+    if (backend && backend != backend_cpu) ggml_backend_free(backend);
+    if (backend_cpu) ggml_backend_free(backend_cpu);
+    if (ctx_meta) ggml_free(ctx_meta);
+    if (gguf) gguf_free(gguf);
+    if (mapping) munmap(mapping, mapping_size);
+}
+
+void Model::set_n_threads(int n) {
+    if (n <= 0) n = (int)std::max(1u, std::thread::hardware_concurrency());
+    n_threads = n;
+    for (ggml_backend_t b : {backend, backend_cpu}) {
+        if (!b) continue;
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(b));
+        auto fn = (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+        if (fn) fn(b, n);
+    }
+}
+
+size_t Model::weight_bytes() const {
+    size_t n = 0;
+    for (auto b : weight_buffers) n += ggml_backend_buffer_get_size(b);
+    return n;
+}
+
+std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &params) {
+    auto model = std::make_unique<Model>();
+    model->path = path;
+
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) throw load_error("model file not found: " + path);
+    if (!S_ISREG(st.st_mode)) throw load_error("not a regular file: " + path);
+    const size_t file_size = (size_t)st.st_size;
+
+    // gguf validates the header, keys and tensor infos; it returns null (no abort) on garbage.
+    gguf_init_params gp = {/*no_alloc=*/true, &model->ctx_meta};
+    model->gguf = gguf_init_from_file(path.c_str(), gp);
+    if (!model->gguf) throw load_error("not a valid GGUF file (bad magic, truncated header or corrupt metadata): " + path);
+
+    model->hp = read_hparams(model->gguf);
+    HParams &hp = model->hp;
+
+    TensorCheck tc{model->gguf, model->ctx_meta, gguf_get_data_offset(model->gguf), file_size};
+    const int64_t E = hp.n_embd, F = hp.n_ff, Q = hp.n_embd_q(), KV = hp.n_embd_kv();
+    if (hp.n_vocab <= 0) {
+        ggml_tensor *te = ggml_get_tensor(model->ctx_meta, "token_embd.weight");
+        if (!te) throw load_error("missing tensor 'token_embd.weight'");
+        hp.n_vocab = (int)te->ne[1];
+    }
+    const int64_t V = hp.n_vocab;
+    model->tok_embd = tc.get("token_embd.weight", {E, V});
+    model->output_norm = tc.get("output_norm.weight", {E});
+    model->output = tc.get("output.weight", {E, V}, false);
+    model->tied_output = model->output == nullptr;
+    if (model->tied_output) model->output = model->tok_embd;
+    model->rope_freqs = tc.get("rope_freqs.weight", {hp.n_rot / 2}, false);
+
+    const bool qkv_bias = hp.arch == Arch::qwen2;
+    model->layers.resize(hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        Layer &l = model->layers[il];
+        auto name = [il](const char *what) { return "blk." + std::to_string(il) + "." + what; };
+        l.attn_norm = tc.get(name("attn_norm.weight"), {E});
+        l.wq = tc.get(name("attn_q.weight"), {E, Q});
+        l.wk = tc.get(name("attn_k.weight"), {E, KV});
+        l.wv = tc.get(name("attn_v.weight"), {E, KV});
+        l.wo = tc.get(name("attn_output.weight"), {Q, E});
+        l.bq = tc.get(name("attn_q.bias"), {Q}, qkv_bias);
+        l.bk = tc.get(name("attn_k.bias"), {KV}, qkv_bias);
+        l.bv = tc.get(name("attn_v.bias"), {KV}, qkv_bias);
+        l.bo = tc.get(name("attn_output.bias"), {E}, false);
+        l.ffn_norm = tc.get(name("ffn_norm.weight"), {E});
+        l.ffn_gate = tc.get(name("ffn_gate.weight"), {E, F});
+        l.ffn_up = tc.get(name("ffn_up.weight"), {E, F});
+        l.ffn_down = tc.get(name("ffn_down.weight"), {F, E});
+    }
+
+    // Backends: the registry decides (Metal on a Mac, CPU here); the CPU backend is always there
+    // for ops the device does not run.
+    model->device = params.use_gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : nullptr;
+    if (!model->device) model->device = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!model->device) throw load_error("no ggml backend device available");
+    model->device_name = ggml_backend_dev_name(model->device);
+    ggml_backend_dev_t cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    model->backend_cpu = ggml_backend_dev_init(cpu_dev, nullptr);
+    model->backend = model->device == cpu_dev ? model->backend_cpu : ggml_backend_dev_init(model->device, nullptr);
+    if (!model->backend || !model->backend_cpu) throw load_error("failed to initialise the ggml backend");
+    model->set_n_threads(params.n_threads);
+
+    // The tensors the graph uses (tok_embd appears once even when tied).
+    std::vector<ggml_tensor *> used = {model->tok_embd, model->output_norm};
+    if (!model->tied_output) used.push_back(model->output);
+    if (model->rope_freqs) used.push_back(model->rope_freqs);
+    for (const Layer &l : model->layers)
+        for (ggml_tensor *t : {l.attn_norm, l.wq, l.wk, l.wv, l.wo, l.bq, l.bk, l.bv, l.bo, l.ffn_norm, l.ffn_gate, l.ffn_up, l.ffn_down})
+            if (t) used.push_back(t);
+
+    // Map the file read-only; pages are loaded on first use and shared with the page cache.
+    int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) throw load_error("cannot open " + path + ": " + strerror(errno));
+    void *addr = mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (addr == MAP_FAILED) throw load_error("cannot map " + path + ": " + strerror(errno));
+    model->mapping = addr;
+    model->mapping_size = file_size;
+    auto file_ptr = [&](ggml_tensor *t) {
+        int64_t id = gguf_find_tensor(model->gguf, ggml_get_name(t));
+        return (char *)addr + tc.data_offset + gguf_get_tensor_offset(model->gguf, id);
+    };
+
+    // Decide each tensor's home: a repacking buffer type (CPU only), the mapping, or a copy.
+    ggml_backend_dev_props props;
+    ggml_backend_dev_get_props(model->device, &props);
+    std::vector<ggml_backend_buffer_type_t> extra = model->device == cpu_dev ? cpu_extra_bufts(cpu_dev) : std::vector<ggml_backend_buffer_type_t>{};
+    std::vector<std::pair<ggml_backend_buffer_type_t, std::vector<ggml_tensor *>>> copied;
+    std::vector<ggml_tensor *> mapped;
+    for (ggml_tensor *t : used) {
+        ggml_backend_buffer_type_t home = nullptr;
+        bool matrix = ggml_n_dims(t) == 2 && t != model->tok_embd;
+        for (auto buft : extra)
+            if (matrix && matmul_supported_from(model->device, buft, t)) { home = buft; break; }
+        if (!home && !props.caps.buffer_from_host_ptr) home = ggml_backend_dev_buffer_type(model->device);
+        if (!home) { mapped.push_back(t); continue; }
+        auto it = std::find_if(copied.begin(), copied.end(), [&](auto &p) { return p.first == home; });
+        if (it == copied.end()) copied.push_back({home, {t}});
+        else it->second.push_back(t);
+    }
+
+    if (!mapped.empty()) {
+        size_t max_tensor = 0;
+        for (ggml_tensor *t : mapped) max_tensor = std::max(max_tensor, ggml_nbytes(t));
+        ggml_backend_buffer_t buf = ggml_backend_dev_buffer_from_host_ptr(model->device, addr, file_size, max_tensor);
+        if (!buf) throw load_error("the backend could not wrap the mapped model file");
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        model->weight_buffers.push_back(buf);
+        for (ggml_tensor *t : mapped)
+            if (ggml_backend_tensor_alloc(buf, t, file_ptr(t)) != GGML_STATUS_SUCCESS)
+                throw load_error(std::string("cannot place tensor '") + ggml_get_name(t) + "' in the mapped buffer");
+    }
+    for (auto &[buft, tensors] : copied) {
+        size_t align = ggml_backend_buft_get_alignment(buft), total = 0;
+        for (ggml_tensor *t : tensors) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, total);
+        if (!buf) throw load_error("out of memory allocating " + std::to_string(total) + " bytes of weights");
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        model->weight_buffers.push_back(buf);
+        ggml_tallocr talloc = ggml_tallocr_new(buf);
+        for (ggml_tensor *t : tensors) {
+            if (ggml_tallocr_alloc(&talloc, t) != GGML_STATUS_SUCCESS)
+                throw load_error(std::string("cannot allocate tensor '") + ggml_get_name(t) + "'");
+            ggml_backend_tensor_set(t, file_ptr(t), 0, ggml_nbytes(t));  // repacks when the type asks
+        }
+    }
+    return model;
+}
+
+}  // namespace cmx

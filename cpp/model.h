@@ -1,0 +1,114 @@
+// cmx engine: model structures (hyperparameters, weights) and the GGUF loader.
+//
+// Ownership: a Model owns its gguf context, the ggml context holding the weight tensor
+// descriptors, the file mapping and the backend buffers the weights live in. It is immutable
+// after load_model() returns, so several Engines could share one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+
+namespace cmx {
+
+// Raised for anything wrong with a model file: missing, not GGUF, truncated, unsupported
+// architecture, a tensor with the wrong shape or type. Python sees cmx.ModelLoadError.
+struct load_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+enum class Arch { llama, qwen2 };
+
+enum class RopeScaling { none, linear, yarn };
+
+struct HParams {
+    Arch arch = Arch::llama;
+    std::string arch_name;  // as in general.architecture
+    std::string name;       // general.name, for messages
+    uint32_t file_type = 0; // general.file_type (llama_ftype), 0 when absent
+
+    int n_vocab = 0;
+    int n_ctx_train = 0;
+    int n_embd = 0;
+    int n_ff = 0;
+    int n_layer = 0;
+    int n_head = 0;
+    int n_head_kv = 0;
+    int head_dim = 0;  // attention.key_length, default n_embd / n_head
+    int n_rot = 0;     // rope.dimension_count, default head_dim
+
+    float norm_eps = 1e-5f;
+    float rope_freq_base = 10000.0f;
+    float rope_freq_scale = 1.0f;  // 1 / rope.scaling.factor
+    RopeScaling rope_scaling = RopeScaling::none;
+    int n_ctx_orig = 0;            // rope.scaling.original_context_length (YaRN)
+    float yarn_ext_factor = 0.0f;
+    float yarn_attn_factor = 1.0f;
+    float yarn_beta_fast = 32.0f;
+    float yarn_beta_slow = 1.0f;
+    int rope_mode = GGML_ROPE_TYPE_NORMAL;  // llama: adjacent pairs (the converter permutes Q/K); qwen2: NEOX
+
+    int n_embd_q() const { return head_dim * n_head; }
+    int n_embd_kv() const { return head_dim * n_head_kv; }
+};
+
+// One decoder block. Biases are null when the file has none (llama has none, qwen2 has q/k/v).
+struct Layer {
+    ggml_tensor *attn_norm = nullptr;
+    ggml_tensor *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+    ggml_tensor *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
+    ggml_tensor *ffn_norm = nullptr;
+    ggml_tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;  // neuron i = row i of gate/up, column i of down
+};
+
+struct Model {
+    HParams hp;
+    std::string path;
+
+    ggml_tensor *tok_embd = nullptr;     // [n_embd, n_vocab]
+    ggml_tensor *output_norm = nullptr;  // [n_embd]
+    ggml_tensor *output = nullptr;       // [n_embd, n_vocab]; == tok_embd when tied
+    ggml_tensor *rope_freqs = nullptr;   // [n_rot/2] or null (llama3-style frequency factors)
+    bool tied_output = false;
+    std::vector<Layer> layers;
+
+    // backend the graph runs on (GPU/Metal when the registry has one, else CPU), and the CPU
+    // backend for ops the device lacks; both are handed to the scheduler.
+    ggml_backend_t backend = nullptr;
+    ggml_backend_t backend_cpu = nullptr;
+    ggml_backend_dev_t device = nullptr;
+    std::string device_name;
+
+    gguf_context *gguf = nullptr;
+    ggml_context *ctx_meta = nullptr;  // tensor descriptors created by gguf (no data)
+    std::vector<ggml_backend_buffer_t> weight_buffers;
+    void *mapping = nullptr;
+    size_t mapping_size = 0;
+    int n_threads = 1;
+
+    Model() = default;
+    Model(const Model &) = delete;
+    Model &operator=(const Model &) = delete;
+    ~Model();
+
+    void set_n_threads(int n);
+    size_t weight_bytes() const;
+};
+
+struct LoadParams {
+    int n_threads = 0;     // 0: all hardware threads
+    bool use_gpu = true;   // take a GPU/Metal device from the registry when there is one
+};
+
+// Reads hyperparameters and weights; throws load_error with a message naming the problem.
+std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &params);
+
+const char *arch_name(Arch arch);
+
+}  // namespace cmx
