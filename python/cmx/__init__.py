@@ -2,11 +2,18 @@
 
 __version__ = "0.1.0"
 
+_ENGINE_NAMES = ("Model", "ModelLoadError")
+
+
 # The engine (cmx.Model) needs the compiled extension; it is imported lazily so that pure-Python
 # parts (scene generator, exporter) import without it.
 def __getattr__(name):
-    if name == "Model":
-        from .model import Model
+    if name in _ENGINE_NAMES:
+        from . import model
 
-        return Model
+        return getattr(model, name)
     raise AttributeError(f"module 'cmx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_ENGINE_NAMES))
