@@ -88,15 +88,19 @@ class Engine {
     int n_batch() const { return params_.n_batch; }
 
    private:
+    struct Graph;  // a built, allocated graph kept for reuse (graph.h)
+
     std::vector<float> decode_ubatch(const Batch &batch, size_t begin, size_t end, int embd_begin, const Prune &prune);
     void validate(const Batch &batch, const Prune &prune) const;
+    std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, const Prune &prune) const;
 
     std::shared_ptr<Model> model_;
     EngineParams params_;
     std::unique_ptr<KVCache> cache_;
     std::vector<FfnNeurons> ffn_neurons_;
+    int64_t ffn_neurons_version_ = 0;
     ggml_backend_sched_t sched_ = nullptr;
-    std::vector<uint8_t> graph_mem_;
+    std::unique_ptr<Graph> graph_;
 };
 
 }  // namespace cmx

@@ -38,7 +38,7 @@ struct Builder {
     ggml_tensor *attention(int il, ggml_tensor *x, ggml_tensor *pos, ggml_tensor *mask) {
         const Layer &l = model.layers[il];
         LayerCache &lc = cache.layers[il];
-        const int64_t n_q = x->ne[1], D = hp.head_dim, n_past = (int64_t)lc.pos.size(), n_kv = mask->ne[0];
+        const int64_t n_q = x->ne[1], D = hp.head_dim, n_kv = mask->ne[0];
         const size_t es = ggml_element_size(lc.k);
 
         ggml_tensor *q = ggml_reshape_3d(ctx, linear(l.wq, l.bq, x), D, hp.n_head, n_q);     // [D, n_head, n_q]
@@ -47,11 +47,14 @@ struct Builder {
         q = rope(q, pos);
         k = rope(k, pos);
 
-        // Append the new rows to this layer's cache (k row-wise, v column-wise).
-        ggml_tensor *k_dst = ggml_view_1d(ctx, lc.k, n_q * hp.n_embd_kv(), lc.k->nb[1] * n_past);
-        ggml_tensor *v_dst = ggml_view_2d(ctx, lc.v, n_q, hp.n_embd_kv(), lc.v->nb[1], es * n_past);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, k, k_dst));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v), v_dst));
+        // Append the new rows to this layer's cache: k by rows, v (transposed) element by element.
+        // The slots are graph inputs, so one decode graph serves every position (graph reuse).
+        auto [k_slots, v_slots] = slots_for(il, n_q);
+        ggml_tensor *k_rows = ggml_reshape_2d(ctx, k, hp.n_embd_kv(), n_q);                                   // [n_embd_kv, n_q]
+        ggml_tensor *v_elems = ggml_reshape_2d(ctx, v, 1, hp.n_embd_kv() * n_q);                               // [1, n_embd_kv*n_q]
+        ggml_tensor *v_cache = ggml_reshape_2d(ctx, lc.v, 1, ggml_nelements(lc.v));                           // [1, n_ctx*n_embd_kv]
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, lc.k, k_rows, k_slots));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_cache, v_elems, v_slots));
 
         ggml_tensor *K = ggml_view_3d(ctx, lc.k, D, n_kv, hp.n_head_kv, lc.k->nb[1], es * D, 0);      // [D, n_kv, n_head_kv]
         ggml_tensor *V = ggml_view_3d(ctx, lc.v, n_kv, D, hp.n_head_kv, lc.v->nb[1], lc.v->nb[1] * D, 0);  // [n_kv, D, n_head_kv]
@@ -89,6 +92,18 @@ struct Builder {
         return ggml_mul_mat(ctx, l.ffn_down, a_full);
     }
 
+    // Cache slots written by this graph; layers with equal cache lengths share them.
+    std::pair<ggml_tensor *, ggml_tensor *> slots_for(int il, int64_t n_q) {
+        for (auto &sl : in.slots)
+            if (cache.layers[sl.layer].pos.size() == cache.layers[il].pos.size() && sl.k->ne[0] == n_q) return {sl.k, sl.v};
+        ggml_tensor *k = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_q);
+        ggml_tensor *v = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_q * hp.n_embd_kv());
+        ggml_set_input(k);
+        ggml_set_input(v);
+        in.slots.push_back({k, v, il});
+        return {k, v};
+    }
+
     // Attention spans the cache padded to kKVPad entries (masked), as llama.cpp does: the same
     // reduction lengths give the same rounding, hence logits equal to llama.cpp's.
     ggml_tensor *new_mask(int il, int64_t n_q, bool pruned) {
@@ -96,7 +111,7 @@ struct Builder {
         const int64_t n_kv = std::min<int64_t>(cache.n_ctx, GGML_PAD(n_past + n_q, kKVPad));
         ggml_tensor *m = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_q);  // [n_kv, n_q]
         ggml_set_input(m);
-        in.masks.push_back({m, n_past, il, pruned});
+        in.masks.push_back({m, il, pruned});
         return m;
     }
 

