@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-_ENGINE_NAMES = ("Model", "ModelLoadError")
+_ENGINE_NAMES = ("Model", "ModelLoadError", "ImageError", "VisionModelError")
 
 
 # The engine (cmx.Model) needs the compiled extension; it is imported lazily so that pure-Python

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import llama_cpp
 
+from . import _lib
+
 
 class Vocab:
     """The model file's vocabulary. Owns a vocab-only llama.cpp model (no weights are read)."""
 
     def __init__(self, path: str):
         self._llama = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+        _lib.route_logs()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
         self.n_vocab = self._llama.n_vocab()
         self.bos = self._llama.token_bos()
         self.eos = self._llama.token_eos()
         self.metadata = dict(self._llama.metadata)
+
+    @property
+    def llama_model(self):
+        """The llama.cpp model pointer (vocab only), for mtmd."""
+        return self._llama.model
 
     @property
     def chat_template(self) -> str | None:

@@ -1,0 +1,111 @@
+"""Image inputs: paths, file:// and data: URLs, PIL images -> RGB pixels for the encoder.
+
+Decoding is Pillow's (JPEG, PNG, WebP, GIF, ...): EXIF orientation is applied, animated images
+give their first frame, transparency is composited onto white, palette / greyscale / 16-bit
+images become 8-bit RGB, and Pillow's decompression-bomb guard stays on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image (unreadable, not an image, too large)."""
+
+
+@dataclass(frozen=True)
+class RGBImage:
+    """8-bit RGB pixels, row-major (height, width, 3), and a content hash that identifies the
+    image in the KV cache."""
+
+    pixels: np.ndarray
+    digest: str
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+
+def _open(source) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), "<bytes>"
+    else:
+        text = os.fspath(source)
+        if text.startswith("data:"):
+            header, _, payload = text.partition(",")
+            if ";base64" not in header:
+                raise ImageError("data: URLs must be base64-encoded images")
+            try:
+                data = base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as e:
+                raise ImageError(f"invalid base64 in data: URL ({e})") from None
+            name = "<data: URL>"
+        else:
+            if text.startswith("file://"):
+                text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
+            elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+                raise ImageError(f"only local files, file:// and data: URLs are supported (cmx works offline), not {text!r}")
+            if not os.path.exists(text):
+                raise FileNotFoundError(f"image not found: {text}")
+            if os.path.isdir(text):
+                raise ImageError(f"{text} is a directory, not an image")
+            try:
+                with open(text, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise ImageError(f"cannot read image {text}: {e.strerror}") from None
+            name = text
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: corrupt image ({e})") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # first frame of an animation
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = max(arr.max(), 1.0)
+        img = Image.fromarray(np.clip(arr * (255.0 / (65535.0 if peak > 255 else 255.0)), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def load_image(source) -> RGBImage:
+    """A path, file:// or data: URL, raw bytes or a PIL image -> RGBImage."""
+    img = to_rgb(_open(source))
+    if img.width < 1 or img.height < 1:
+        raise ImageError("empty image")
+    pixels = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    digest = hashlib.sha256(pixels.tobytes() + f"{img.width}x{img.height}".encode()).hexdigest()
+    return RGBImage(pixels, digest)

@@ -1,0 +1,246 @@
+"""The vision path: images through mtmd into our graph, chat with the model's template, cache
+reuse across turns, against llama-cpp-python on a tiny random LLaVA exported by cmx.convert."""
+
+import base64
+import ctypes
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cmx
+import llava_tiny as lt
+import llama_cpp
+from cmx.images import ImageError, load_image
+
+QUESTION = "What is in the picture?"
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    from cmx.convert.llava import export_llava
+
+    tok = lt.load_smollm2_tokenizer()
+    model = lt.build_tiny_llava(vocab_size=len(tok))
+    out = tmp_path_factory.mktemp("tiny_llava")
+    paths = export_llava(model, out, tokenizer=tok, text_type="f32", mmproj_type="f32")
+    image = lt.test_image()
+    Image.fromarray(image).save(out / "image.png")
+    return model, str(paths["text"]), str(paths["mmproj"]), str(out / "image.png"), image
+
+
+@pytest.fixture()
+def vlm(tiny_llava):
+    _, text, mmproj, _, _ = tiny_llava
+    return cmx.Model(text, mmproj=mmproj, n_ctx=2048, n_threads=2)
+
+
+def user_turn(image_path, question=QUESTION):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_path}},
+                                        {"type": "text", "text": question}]}
+
+
+def test_image_embeddings_equal_mtmd_and_match_pytorch(tiny_llava, vlm):
+    model, text, mmproj, image_path, image = tiny_llava
+    ours = vlm.vision.encode_image(load_image(image_path))
+    with lt.MtmdEncoder(mmproj, text) as enc:
+        theirs = enc.encode(image)
+    assert ours.shape == (576, model.config.text_config.hidden_size)
+    assert np.array_equal(ours, theirs)
+    # PyTorch vision tower + projector, in the token layout this llama.cpp computes (vision.py)
+    assert lt.row_cosines(ours, lt.hf_image_features_cls_last(model, image)).min() >= 0.999
+
+
+def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_path, n_gen):
+    """llama-cpp-python evaluating mtmd's chunks the way its MTMD chat handler does; returns the
+    logits of every text position (None for image rows) and its greedy continuation."""
+    from llama_cpp import mtmd_cpp as M
+
+    ref = llama_cpp.Llama(text_path, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2, n_threads_batch=2)
+    params = M.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.warmup, params.n_threads = False, False, False, 2
+    ctx = M.mtmd_init_from_file(mmproj_path.encode(), ref.model, params)
+    data = open(image_path, "rb").read()
+    bmp = M.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer_copy(data), len(data), False)
+    chunks = M.mtmd_input_chunks_init()
+    raw = prompt_text.encode()
+    inp = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
+    assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
+    logits = []
+    for i in range(M.mtmd_input_chunks_size(chunks)):
+        chunk = M.mtmd_input_chunks_get(chunks, i)
+        if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            n = ctypes.c_size_t()
+            ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            toks = [ptr[j] for j in range(n.value)]
+            start = ref.n_tokens
+            ref.eval(toks)
+            logits.extend(np.array(ref.scores[start : start + len(toks)]))
+        else:
+            new_n_past = llama_cpp.llama_pos(0)
+            assert M.mtmd_helper_eval_chunk_single(ctx, ref._ctx.ctx, chunk, ref.n_tokens, 0, 512, False, ctypes.byref(new_n_past)) == 0
+            logits.extend([None] * (new_n_past.value - ref.n_tokens))
+            ref.n_tokens = new_n_past.value
+    last = logits[-1]
+    out = []
+    vocab = llama_cpp.llama_model_get_vocab(ref.model)
+    for _ in range(n_gen):
+        tok = int(np.argmax(last))
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            break
+        out.append(tok)
+        ref.eval([tok])
+        last = np.array(ref.scores[ref.n_tokens - 1])
+    M.mtmd_input_chunks_free(chunks)
+    M.mtmd_bitmap_free(bmp)
+    M.mtmd_free(ctx)
+    return logits, out
+
+
+def test_image_chat_matches_llama_cpp(tiny_llava, vlm):
+    _, text, mmproj, image_path, _ = tiny_llava
+    messages = [user_turn(image_path)]
+    # the prompt text exactly as Model.chat renders it
+    from cmx.chat import flatten_messages
+
+    flat, _ = flatten_messages(messages, vlm.vision.marker)
+    prompt_text = vlm._template.render(flat)
+    assert prompt_text.count(vlm.vision.marker) == 1
+
+    ref_logits, ref_answer = llama_cpp_reference(text, mmproj, prompt_text, image_path, n_gen=24)
+
+    # cmx: the same chunks in one mixed batch, logits of every row
+    prompt = vlm.vision.tokenize(prompt_text, [load_image(image_path)])
+    rows, embd = [], []
+    for c in prompt.chunks:
+        if hasattr(c, "tokens"):
+            rows += c.tokens
+        else:
+            rows += [-1] * c.n_tokens
+            embd.append(vlm.vision.encode(c))
+    prompt.close()
+    vlm.reset()
+    ours = vlm._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True)
+    text_rows = [i for i, r in enumerate(rows) if r >= 0]
+    assert len(text_rows) == sum(x is not None for x in ref_logits) and len(rows) == len(ref_logits)
+    a = ours[text_rows]
+    b = np.stack([ref_logits[i] for i in text_rows])
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
+    assert np.abs(a - b).max() < 1e-2
+
+    answer = vlm.chat(messages, max_tokens=24)
+    assert answer == vlm.detokenize(ref_answer)
+    assert len(ref_answer) > 0
+
+
+def test_second_turn_reuses_the_cache(tiny_llava, vlm):
+    _, _, _, image_path, _ = tiny_llava
+    messages = [user_turn(image_path)]
+    first = vlm.chat(messages, max_tokens=8)
+    assert vlm.vision.n_encodes == 1
+    cached_after_first = list(vlm._cached)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more."}]
+    pieces = list(vlm.chat(messages, max_tokens=8, stream=True))
+    assert vlm.vision.n_encodes == 1  # the image was not encoded again
+    n_image_rows = sum(isinstance(t, tuple) for t in cached_after_first)
+    assert n_image_rows == 576
+    # the second prompt extends the first: the whole first prompt (image included) stayed cached
+    assert vlm._cached[: len(cached_after_first) - 8] == cached_after_first[: len(cached_after_first) - 8]
+    assert isinstance("".join(pieces), str)
+    # a new conversation with the same image reuses its embeddings too
+    vlm.chat([user_turn(image_path, "Again?")], max_tokens=2)
+    assert vlm.vision.n_encodes == 1
+
+
+def test_streaming_equals_plain_answer(tiny_llava, vlm):
+    _, _, _, image_path, _ = tiny_llava
+    messages = [user_turn(image_path)]
+    plain = vlm.chat(messages, max_tokens=12)
+    streamed = list(vlm.chat(messages, max_tokens=12, stream=True))
+    assert "".join(streamed) == plain and len(streamed) >= 1
+
+
+def test_image_part_forms(tiny_llava, vlm, tmp_path):
+    _, _, _, image_path, image = tiny_llava
+    data_url = "data:image/png;base64," + base64.b64encode(open(image_path, "rb").read()).decode()
+    forms = [
+        {"type": "image_url", "image_url": {"url": image_path}},
+        {"type": "image_url", "image_url": "file://" + image_path},
+        {"type": "image_url", "image_url": {"url": data_url}},
+        {"type": "image", "image": Image.fromarray(image)},
+    ]
+    answers = {vlm.chat([{"role": "user", "content": [f, {"type": "text", "text": QUESTION}]}], max_tokens=6) for f in forms}
+    assert len(answers) == 1
+    assert vlm.vision.n_encodes == 1  # the same pixels: one encode
+
+
+def encode_as(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_image_decoding(tmp_path):
+    rgb = Image.fromarray(lt.test_image(64))
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP"):
+        img = load_image(encode_as(rgb, fmt))
+        assert img.pixels.shape == (64, 64, 3) and img.pixels.dtype == np.uint8
+    # transparency onto white, palette and greyscale to RGB
+    rgba = Image.new("RGBA", (8, 4), (255, 0, 0, 0))
+    assert (load_image(encode_as(rgba, "PNG")).pixels == 255).all()
+    assert load_image(encode_as(rgb.convert("P"), "PNG")).pixels.shape == (64, 64, 3)
+    grey = load_image(encode_as(Image.new("L", (5, 7), 100), "PNG")).pixels
+    assert grey.shape == (7, 5, 3) and (grey == 100).all()
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): 8x4 stored -> 4x8 shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = load_image(encode_as(Image.new("RGB", (8, 4), (0, 0, 255)), "JPEG", exif=exif.tobytes()))
+    assert rotated.pixels.shape == (8, 4, 3)
+    # animated GIF: first frame
+    frames = [Image.new("RGB", (6, 6), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    first = load_image(buf.getvalue()).pixels
+    assert first[0, 0, 0] > 200 and first[0, 0, 1] < 50
+
+
+def test_bad_images(tmp_path, vlm, monkeypatch):
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(text)
+    with pytest.raises(ImageError, match="offline"):
+        load_image("https://example.com/cat.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageError, match="decompression bomb|exceeds limit"):
+        load_image(encode_as(Image.new("RGB", (64, 64)), "PNG"))
+    monkeypatch.undo()
+    with pytest.raises(ImageError):
+        vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(text)}}]}])
+
+
+def test_wrong_or_bad_mmproj(tiny_llava, smollm2_path, tmp_path):
+    _, text, mmproj, image_path, _ = tiny_llava
+    with pytest.raises(cmx.VisionModelError, match="projects to 64 dimensions but the text model has n_embd=576"):
+        cmx.Model(smollm2_path, mmproj=mmproj)
+    with pytest.raises(cmx.VisionModelError, match="not an mmproj"):
+        cmx.Model(text, mmproj=text)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(cmx.VisionModelError, match="not a valid GGUF"):
+        cmx.Model(text, mmproj=garbage)
+    with pytest.raises(FileNotFoundError):
+        cmx.Model(text, mmproj=tmp_path / "none.gguf")
+    text_only = cmx.Model(text, n_ctx=256)
+    with pytest.raises(ValueError, match="no vision projector"):
+        text_only.chat([user_turn(image_path)])
+
+
+def test_prompt_longer_than_context(tiny_llava):
+    _, text, mmproj, image_path, _ = tiny_llava
+    m = cmx.Model(text, mmproj=mmproj, n_ctx=512)  # 576 image tokens do not fit
+    with pytest.raises(ValueError, match="prompt too long"):
+        m.chat([user_turn(image_path)])
