@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdio>
+
 #include "engine.h"
 
 namespace py = pybind11;
@@ -38,6 +40,17 @@ py::dict model_info(const Model &m) {
     return d;
 }
 
+// ggml's own log messages (gguf parsing, backends) at or above this ggml_log_level reach stderr.
+int g_min_log_level = GGML_LOG_LEVEL_ERROR;
+int g_last_log_level = GGML_LOG_LEVEL_INFO;
+
+void ggml_log_to_stderr(ggml_log_level level, const char *text, void *) {
+    int effective = level == GGML_LOG_LEVEL_CONT ? g_last_log_level : (int)level;
+    g_last_log_level = effective;
+    // ggml_log_level orders DEBUG(1) < INFO(2) < WARN(3) < ERROR(4)
+    if (effective >= g_min_log_level && effective != GGML_LOG_LEVEL_NONE) fputs(text, stderr);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
@@ -50,6 +63,11 @@ PYBIND11_MODULE(_core, mod) {
             py::set_error(model_load_error, e.what());
         }
     });
+
+    mod.def("set_ggml_log_level", [](int level) {
+        g_min_log_level = level;
+        ggml_log_set(ggml_log_to_stderr, nullptr);
+    }, py::arg("level"), "Print ggml's log messages at or above this ggml_log_level (1 debug .. 4 error, 5: none).");
 
     py::class_<Engine>(mod, "Engine")
         .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu) {

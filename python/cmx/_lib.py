@@ -34,23 +34,20 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         sys.stderr.write(text.decode("utf-8", errors="replace"))
 
 
-def _ggml_base() -> ctypes.CDLL:
-    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    name = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}.get(sys.platform, "libggml-base.so")
-    lib = ctypes.CDLL(os.path.join(lib_dir, name))
-    lib.ggml_log_set.argtypes = [llama_cpp.llama_log_callback, ctypes.c_void_p]
-    lib.ggml_log_set.restype = None
-    return lib
-
-
-_ggml = _ggml_base()
-
-
 def route_logs() -> None:
-    """(Re)install the callback for llama.cpp, mtmd and ggml itself (gguf, backends)."""
+    """(Re)install the callback for llama.cpp and mtmd. ggml's own logs (gguf, backends) are
+    routed by cmx._core.set_ggml_log_level, from C++: loading libggml-base through ctypes here
+    could map a second copy of it (the wheel ships the soname links as separate files)."""
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
-    _ggml.ggml_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def ggml_log_level() -> int:
+    """The lowest ggml_log_level to print, from the logger's level (5: nothing)."""
+    for level, lvl in sorted(_LEVELS.items(), key=lambda kv: kv[1]):
+        if level and logger.isEnabledFor(lvl):
+            return level
+    return 5
 
 
 route_logs()

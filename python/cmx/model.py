@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from . import _lib  # noqa: F401  (loads llama.cpp's ggml first: one copy per process)
-from ._core import Engine, ModelLoadError
+from ._core import Engine, ModelLoadError, set_ggml_log_level
 from .chat import ChatTemplate, EmbeddingCache, common_prefix, flatten_messages, load_images, stream_text
 from .defaults import default_mmproj, default_text_model
 from .images import ImageError
@@ -17,6 +17,8 @@ from .vision import ImageChunk, VisionEncoder, VisionModelError
 from .vocab import Vocab
 
 __all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError"]
+
+set_ggml_log_level(_lib.ggml_log_level())
 
 
 def _positive_int(name: str, value) -> int:
