@@ -28,7 +28,12 @@ def tiny_model_path(tiny_dir):
     def make(arch: str = "llama", ftype: str = "f32") -> str:
         if (arch, ftype) not in cache:
             cfg = tiny_models.ARCH_CONFIGS[arch]
-            cache[arch, ftype] = tiny_models.write_tiny_gguf(str(tiny_dir / f"{arch}-{ftype}.gguf"), cfg, ftype)
+            path = str(tiny_dir / f"{arch}-{ftype}.gguf")
+            if ftype in tiny_models.LLAMA_CPP_FTYPES:
+                tiny_models.quantize_with_llama_cpp(make(arch, "f32"), path, ftype)
+            else:
+                tiny_models.write_tiny_gguf(path, cfg, ftype)
+            cache[arch, ftype] = path
         return cache[arch, ftype]
 
     return make

@@ -14,7 +14,8 @@ import pytest
 import cmx
 import llama_cpp
 
-MAX_ABS_DIFF = {"f32": 1e-4, "f16": 1e-3, "q8_0": 1e-2, "q4_0": 1e-2, "smollm2-q4_1": 1e-2}
+MAX_ABS_DIFF = {"f32": 1e-4, "f16": 1e-3, "bf16": 1e-3, "smollm2-q4_1": 1e-2}
+MAX_ABS_DIFF.update({q: 1e-2 for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")})
 
 PROMPT = (
     "The lighthouse keeper climbed the spiral stairs each evening, counting the steps aloud: "
@@ -62,6 +63,20 @@ def check_parity(path, bound_key, n_prompt=160, n_gen=64):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_random_model_matches_llama_cpp(tiny_model_path, arch, ftype):
     check_parity(tiny_model_path(arch, ftype), ftype)
+
+
+@pytest.mark.parametrize("ftype", ["bf16", "q4_1", "q5_0", "q5_1"])
+def test_more_weight_types(tiny_model_path, ftype):
+    check_parity(tiny_model_path("llama", ftype), ftype)
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quants_from_llama_cpp_quantizer(tiny_model_path, ftype):
+    path = tiny_model_path("llama-k", ftype)
+    import cmx
+
+    assert cmx.Model(path, n_ctx=64).info["ffn_type"].lower().endswith("_k")  # the file really holds K-quants
+    check_parity(path, ftype)
 
 
 def test_smollm2_matches_llama_cpp(smollm2_path):

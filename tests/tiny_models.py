@@ -40,9 +40,28 @@ def smollm2_tokenizer() -> dict:
 FTYPES = {  # our name -> (ggml type for matrices, llama_ftype written to general.file_type)
     "f32": (GGMLQuantizationType.F32, 0),
     "f16": (GGMLQuantizationType.F16, 1),
+    "bf16": (GGMLQuantizationType.BF16, 32),
     "q8_0": (GGMLQuantizationType.Q8_0, 7),
     "q4_0": (GGMLQuantizationType.Q4_0, 2),
+    "q4_1": (GGMLQuantizationType.Q4_1, 3),
+    "q5_0": (GGMLQuantizationType.Q5_0, 8),
+    "q5_1": (GGMLQuantizationType.Q5_1, 9),
 }
+
+# K-quant files are made by llama.cpp's own quantizer (gguf-py cannot write them).
+LLAMA_CPP_FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+def quantize_with_llama_cpp(src: str, dst: str, ftype: str) -> str:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_CPP_FTYPES[ftype]
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+    return dst
 
 
 @dataclass
@@ -151,4 +170,6 @@ def write_tiny_gguf(path: str, cfg: TinyConfig, ftype: str = "f32", *, overrides
 ARCH_CONFIGS = {
     "llama": TinyConfig(arch="llama"),
     "qwen2": TinyConfig(arch="qwen2", n_head_kv=1, n_ff=160, tied_output=False, rope_base=1e6, seed=1),
+    # K-quant blocks are 256 wide: every matrix row (n_embd, n_ff) a multiple of 256
+    "llama-k": TinyConfig(arch="llama", n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=2),
 }
