@@ -309,4 +309,4 @@ def test_unsupported_configs(tiny, tok, tmp_path):
     with pytest.raises(UnsupportedModelError, match="llama"):
         conv.export_text_model(tc, tiny.model.language_model.state_dict(), tok, tmp_path / "t.gguf")
     with pytest.raises(ValueError, match="output type"):
-        export_llava(tiny, tmp_path, text_type="q4_0")
+        export_llava(tiny, tmp_path, text_type="q3_k")

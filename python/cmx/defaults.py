@@ -7,7 +7,7 @@ import importlib.util
 import os
 
 TEXT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_MMPROJ_FILE = "cmx-demo-mmproj-q8_0.gguf"
+DEMO_MMPROJ_FILE = "cmx-demo-mmproj.gguf"
 
 
 def default_text_model() -> str:

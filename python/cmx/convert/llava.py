@@ -53,6 +53,10 @@ _OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (gguf.GGMLQuantizationType.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (gguf.GGMLQuantizationType.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 
 # projector activations that clip.cpp's "mlp" graph (ggml_gelu) reproduces
@@ -105,7 +109,7 @@ def _add_weight(
     """Add one tensor, converting it the way llama.cpp's converters do.
 
     1-D tensors (norms, biases) and anything flagged ``keep_f32`` stay f32. 2-D matrices follow
-    ``outtype``; q8_0 needs rows whose length is a multiple of 32 (others fall back to f16).
+    ``outtype``; quantized types need rows whose length is a multiple of 32 (others fall back to f16).
     ``conv_f16_ok`` lets a 4-D convolution kernel go to f16 (never quantized).
     """
     data = np.ascontiguousarray(data, dtype=np.float32)
@@ -121,9 +125,9 @@ def _add_weight(
     if data.ndim != 2:
         writer.add_tensor(name, data)
         return
-    if outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-        q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    qtype = _OUTTYPES[outtype][0]
+    if outtype not in ("f16", "f32") and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         return
     writer.add_tensor(name, data.astype(np.float16))
 
@@ -420,9 +424,13 @@ def export_mmproj(
     image_mean: Iterable[float] = OPENAI_CLIP_MEAN,
     image_std: Iterable[float] = OPENAI_CLIP_STD,
     outtype: str = "f16",
+    ffn_outtype: str | None = None,
     name: str | None = None,
 ) -> Path:
     """Write an mmproj GGUF (clip.cpp projector type ``mlp``).
+
+    ``ffn_outtype`` (default: ``outtype``) is the type of the ViT's MLP matrices, the largest
+    part of the tower: a smaller type there keeps a shipped file small.
 
     ``vision_config``: a ``CLIPVisionConfig`` (or dict with its fields).
     ``vision_state``: the CLIP vision tower's state dict (``vision_model.embeddings...``; the
@@ -432,6 +440,7 @@ def export_mmproj(
     A missing projector bias is written as zeros (clip.cpp always adds one).
     """
     outtype = _check_outtype(outtype)
+    ffn_outtype = _check_outtype(ffn_outtype or outtype)
     mt = _cfg_get(vision_config, "model_type", "clip_vision_model")
     if mt not in ("clip_vision_model", "clip"):
         raise UnsupportedModelError(f"vision tower must be CLIP (got model_type={mt!r})")
@@ -532,9 +541,9 @@ def export_mmproj(
         _add_weight(w, o + "ln1.bias", get(vs, p + "layer_norm1.bias"), outtype)
         _add_weight(w, o + "ln2.weight", get(vs, p + "layer_norm2.weight"), outtype)
         _add_weight(w, o + "ln2.bias", get(vs, p + "layer_norm2.bias"), outtype)
-        _add_weight(w, o + up_name + ".weight", get(vs, p + "mlp.fc1.weight"), outtype)
+        _add_weight(w, o + up_name + ".weight", get(vs, p + "mlp.fc1.weight"), ffn_outtype)
         _add_weight(w, o + up_name + ".bias", get(vs, p + "mlp.fc1.bias"), outtype)
-        _add_weight(w, o + down_name + ".weight", get(vs, p + "mlp.fc2.weight"), outtype)
+        _add_weight(w, o + down_name + ".weight", get(vs, p + "mlp.fc2.weight"), ffn_outtype)
         _add_weight(w, o + down_name + ".bias", get(vs, p + "mlp.fc2.bias"), outtype)
 
     # projector
