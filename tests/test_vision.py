@@ -145,6 +145,8 @@ def test_second_turn_reuses_the_cache(tiny_llava, vlm):
     assert vlm.vision.n_encodes == 1  # the image was not encoded again
     n_image_rows = sum(isinstance(t, tuple) for t in cached_after_first)
     assert n_image_rows == 576
+    ((start, n),) = vlm.image_spans  # the engine knows where the image tokens are
+    assert n == 576 and all(isinstance(t, tuple) for t in vlm._cached[start : start + n])
     # the second prompt extends the first: the whole first prompt (image included) stayed cached
     assert vlm._cached[: len(cached_after_first) - 8] == cached_after_first[: len(cached_after_first) - 8]
     assert isinstance("".join(pieces), str)

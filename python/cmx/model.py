@@ -93,6 +93,22 @@ class Model:
     def vision(self) -> VisionEncoder | None:
         return self._vision
 
+    @property
+    def image_spans(self) -> list[tuple[int, int]]:
+        """(first position, number of tokens) of each image in the KV cache, in order: the image
+        token ranges CoreMatching prunes."""
+        spans, prev = [], None
+        for pos, item in enumerate(self._cached):
+            if isinstance(item, tuple):
+                if prev is not None and item[0] == prev[0] and item[1] == prev[1] + 1:
+                    spans[-1][1] += 1
+                else:
+                    spans.append([pos, 1])
+                prev = item
+            else:
+                prev = None
+        return [tuple(s) for s in spans]
+
     # ---- text
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self._vocab.tokenize(text, add_special)
