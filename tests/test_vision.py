@@ -149,7 +149,6 @@ def test_second_turn_reuses_the_cache(tiny_llava, vlm):
     assert n == 576 and all(isinstance(t, tuple) for t in vlm._cached[start : start + n])
     # the second prompt extends the first: the whole first prompt (image included) stayed cached
     assert vlm._cached[: len(cached_after_first) - 8] == cached_after_first[: len(cached_after_first) - 8]
-    assert isinstance("".join(pieces), str)
     # a new conversation with the same image reuses its embeddings too
     vlm.chat([user_turn(image_path, "Again?")], max_tokens=2)
     assert vlm.vision.n_encodes == 1
