@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--out", help="write per-question results and the summary as JSON")
+    ap.add_argument("--answers-from", help="a previous --out JSON (same questions): take the answers of engines not in --engines from it")
     args = ap.parse_args(argv)
 
     from cmx.defaults import default_mmproj, default_text_model
@@ -113,6 +114,16 @@ def main(argv=None) -> int:
     majority = majority_answers()
     results = {e.name: [] for e in chosen}
     timing = {}
+    names = [e.name for e in chosen]
+    if args.answers_from:
+        prev = json.load(open(args.answers_from))
+        if [r["question"] for r in prev["rows"]] != [q for _, q, _, _ in data]:
+            sys.exit(f"{args.answers_from} holds other questions")
+        for name in engines:
+            if name not in results and name in prev["rows"][0]:
+                results[name] = [r[name] for r in prev["rows"]]
+                timing[name] = prev["summary"]["seconds"].get(name)
+                names.append(name)
     for e in chosen:
         t0 = time.perf_counter()
         for k, (image, q, a, qt) in enumerate(data):
@@ -128,15 +139,15 @@ def main(argv=None) -> int:
     base = [majority[ex[3]] for ex in data]
 
     print(f"\n{len(data)} test questions, model {os.path.basename(text)} + {os.path.basename(mmproj)}\n")
-    header = "| question type | n | majority baseline | " + " | ".join(e.name for e in chosen) + " |"
+    header = "| question type | n | majority baseline | " + " | ".join(names) + " |"
     print(header)
-    print("|" + "---|" * (3 + len(chosen)))
+    print("|" + "---|" * (3 + len(names)))
     for qt in qtypes + [None]:
         n = sum(ex[3] == qt for ex in data) if qt else len(data)
         row = [qt or "**overall**", str(n), f"{acc(base, [qt] if qt else None):.1%}"]
-        row += [f"{acc(results[e.name], [qt] if qt else None):.1%}" for e in chosen]
+        row += [f"{acc(results[n], [qt] if qt else None):.1%}" for n in names]
         print("| " + " | ".join(row) + " |")
-    summary = {"n": len(data), "overall": {e.name: acc(results[e.name]) for e in chosen},
+    summary = {"n": len(data), "overall": {n: acc(results[n]) for n in names},
                "majority_baseline": acc(base), "seconds": timing}
     if "cmx" in results and "llama_cpp" in results:
         same = np.mean([scenes.normalize_answer(x) == scenes.normalize_answer(y) for x, y in zip(results["cmx"], results["llama_cpp"])])

@@ -96,6 +96,7 @@ class VisionEncoder:
     """An mmproj loaded by mtmd, bound to a text model's vocabulary. Owns the mtmd context."""
 
     def __init__(self, mmproj_path: str, vocab, n_embd: int, n_threads: int = 0):
+        import llama_cpp
         from llama_cpp import mtmd_cpp
 
         self._M = mtmd_cpp
@@ -117,6 +118,9 @@ class VisionEncoder:
         params.print_timings = False
         params.warmup = False
         params.n_threads = n_threads or os.cpu_count() or 1
+        # the encoder's attention as llama-cpp-python runs it (its MTMD handler follows its Llama's
+        # flash_attn=False default); mtmd's own default (auto: flash on CPU) rounds differently
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = mtmd_cpp.mtmd_init_from_file(self.path.encode(), vocab.llama_model, params)
         if not self._ctx:
             raise VisionModelError(f"llama.cpp's mtmd could not load {self.path}")
