@@ -212,6 +212,8 @@ class MtmdEncoder:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
+        # as llama-cpp-python's MTMD chat handler sets it (its Llama's flash_attn=False default)
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
         if not self.ctx:
             raise RuntimeError(f"mtmd_init_from_file failed for {mmproj_path}")
