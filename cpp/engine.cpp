@@ -188,7 +188,7 @@ std::vector<float> Engine::decode_ubatch(const Batch &batch, size_t begin, size_
         Batch shape;  // what the builder reads: row kinds and the number of outputs
         shape.tokens = batch.tokens;
         shape.out_rows = out_rows;
-        GraphSpec spec{&shape, begin, end, embd_begin, &prune, &ffn_neurons_};
+        GraphSpec spec{&shape, begin, end, &prune, &ffn_neurons_};
         g->logits = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
         ggml_backend_sched_reset(sched_);
         if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");

@@ -39,7 +39,6 @@ struct GraphInputs {
 struct GraphSpec {
     const Batch *batch;
     size_t begin, end;       // batch rows of this graph
-    int embd_begin;          // first embedding row used
     const Prune *prune;      // keep_rows relative to `begin` (only for a single-graph batch)
     const std::vector<FfnNeurons> *ffn_neurons;
 };

@@ -58,10 +58,9 @@ class Prompt:
 
 def _projection_width(reader: GGUFReader) -> int | None:
     """Output width of the projector, from the tensors/keys llama.cpp's clip loader reads."""
-    for field_name in ("clip.vision.projection_dim",):
-        f = reader.fields.get(field_name)
-        if f is not None:
-            return int(f.contents())
+    f = reader.fields.get("clip.vision.projection_dim")
+    if f is not None:
+        return int(f.contents())
     shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
     for name in ("mm.2.weight", "mm.model.fc.weight", "mm.model.mlp.3.weight"):
         if name in shapes and len(shapes[name]) == 2:
