@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 
 #include <cstdio>
+#include <optional>
+#include <tuple>
 
 #include "engine.h"
 
@@ -51,6 +53,16 @@ void ggml_log_to_stderr(ggml_log_level level, const char *text, void *) {
     if (effective >= g_min_log_level && effective != GGML_LOG_LEVEL_NONE) fputs(text, stderr);
 }
 
+// Points the batch at float embeddings (kept alive by `holder`), checking their shape.
+void set_embeddings(const Engine &e, Batch &b, py::object embd, py::array_t<float, py::array::c_style | py::array::forcecast> &holder) {
+    if (embd.is_none()) return;
+    holder = embd.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
+    if (holder.ndim() != 2 || holder.shape(1) != e.model().hp.n_embd)
+        throw std::invalid_argument("embeddings must have shape (n, n_embd=" + std::to_string(e.model().hp.n_embd) + ")");
+    b.embd = holder.data();
+    b.n_embd_rows = (int)holder.shape(0);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
@@ -68,6 +80,20 @@ PYBIND11_MODULE(_core, mod) {
         g_min_log_level = level;
         ggml_log_set(ggml_log_to_stderr, nullptr);
     }, py::arg("level"), "Print ggml's log messages at or above this ggml_log_level (1 debug .. 4 error, 5: none).");
+
+    py::enum_<TokenScore>(mod, "TokenScore").value("anchor", TokenScore::anchor).value("paper", TokenScore::paper);
+    py::class_<SparsityParams>(mod, "SparsityParams", "CoreMatching settings (see cmx.Sparsity, which validates them)")
+        .def(py::init<>())
+        .def_readwrite("tokens", &SparsityParams::tokens)
+        .def_readwrite("neurons", &SparsityParams::neurons)
+        .def_readwrite("rho", &SparsityParams::rho)
+        .def_readwrite("beta", &SparsityParams::beta)
+        .def_readwrite("prune_layer", &SparsityParams::prune_layer)
+        .def_readwrite("score", &SparsityParams::score)
+        .def_readwrite("budget", &SparsityParams::budget)
+        .def_readwrite("min_keep", &SparsityParams::min_keep)
+        .def_readwrite("max_keep", &SparsityParams::max_keep)
+        .def_readwrite("dense_layers", &SparsityParams::dense_layers);
 
     py::class_<Engine>(mod, "Engine")
         .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu) {
@@ -102,13 +128,7 @@ PYBIND11_MODULE(_core, mod) {
                 b.pos.assign(pos.data(), pos.data() + pos.size());
                 b.out_rows.assign(out_rows.data(), out_rows.data() + out_rows.size());
                 py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
-                if (!embd.is_none()) {
-                    embd_arr = embd.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
-                    if (embd_arr.ndim() != 2 || embd_arr.shape(1) != e.model().hp.n_embd)
-                        throw std::invalid_argument("embeddings must have shape (n, n_embd=" + std::to_string(e.model().hp.n_embd) + ")");
-                    b.embd = embd_arr.data();
-                    b.n_embd_rows = (int)embd_arr.shape(0);
-                }
+                set_embeddings(e, b, embd, embd_arr);
                 Prune prune;
                 prune.after_layer = prune_after_layer;
                 if (!keep_rows.is_none()) prune.keep_rows = keep_rows.cast<std::vector<int32_t>>();
@@ -126,16 +146,49 @@ PYBIND11_MODULE(_core, mod) {
             py::arg("prune_after_layer") = -1, py::arg("keep_rows") = py::none(),
             "Evaluate rows (token ids, -1 for rows from `embd`) at explicit positions on top of the cache; "
             "returns float32 logits [len(out_rows), n_vocab].")
-        .def("set_ffn_neurons",
-             [](Engine &e, const std::vector<std::vector<int32_t>> &per_layer) {
-                 std::vector<FfnNeurons> sets(per_layer.size());
-                 for (size_t i = 0; i < per_layer.size(); ++i) sets[i].rows = per_layer[i];
-                 e.set_ffn_neurons(std::move(sets));
-             },
-             py::arg("per_layer"), "Neuron index sets per layer (empty list: dense).")
+        .def(
+            "prefill",
+            [](Engine &e, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+               py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
+               py::array_t<int32_t, py::array::c_style | py::array::forcecast> out_rows, py::object embd,
+               const std::vector<std::tuple<int32_t, int32_t, std::vector<int32_t>>> &images, int anchor_row,
+               std::optional<SparsityParams> sparsity) {
+                Batch b;
+                b.tokens.assign(tokens.data(), tokens.data() + tokens.size());
+                b.pos.assign(pos.data(), pos.data() + pos.size());
+                b.out_rows.assign(out_rows.data(), out_rows.data() + out_rows.size());
+                py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
+                set_embeddings(e, b, embd, embd_arr);
+                std::vector<ImageSpan> spans;
+                for (auto &[first, n, keep] : images) spans.push_back({first, n, keep});
+                PrefillResult r;
+                {
+                    py::gil_scoped_release nogil;
+                    r = e.prefill(b, spans, anchor_row, sparsity ? &*sparsity : nullptr);
+                }
+                py::array_t<float> logits({(py::ssize_t)b.out_rows.size(), (py::ssize_t)e.model().hp.n_vocab});
+                std::copy(r.logits.begin(), r.logits.end(), logits.mutable_data());
+                py::dict d;
+                d["logits"] = logits;
+                d["kept"] = r.kept;
+                d["core_neurons"] = r.core_neurons;
+                d["select_ms"] = r.select_ms;
+                d["stats_ms"] = r.stats_ms;
+                d["compact_ms"] = r.compact_ms;
+                return d;
+            },
+            py::arg("tokens"), py::arg("pos"), py::arg("out_rows"), py::arg("embd") = py::none(),
+            py::arg("images") = std::vector<std::tuple<int32_t, int32_t, std::vector<int32_t>>>{}, py::arg("anchor_row") = -1,
+            py::arg("sparsity") = py::none(),
+            "Prefill a prompt (dense FFNs); with sparsity, CoreMatching prunes each image (first_row, n_rows, forced_keep) "
+            "after sparsity.prune_layer and sets the core neurons of later decodes. Returns a dict: logits, kept, "
+            "core_neurons, select_ms, stats_ms, compact_ms.")
+        .def("set_ffn_neurons", &Engine::set_ffn_neurons, py::arg("per_layer"),
+             "Neuron index sets per layer (empty, or all of n_ff: dense) for later decodes.")
+        .def("ffn_neurons", &Engine::ffn_neurons, "The core neurons each layer's decode FFN reads (empty: dense).")
         .def("clear", [](Engine &e) { e.cache().clear(); }, "Forget every cached token.")
         .def("truncate", [](Engine &e, int n) { e.cache().truncate(n); }, py::arg("n"),
-             "Keep only the first n cached tokens of every layer.")
+             "Forget cached tokens at positions >= n in every layer.")
         .def("cache_len", [](Engine &e, int layer) {
                  if (layer < 0 || layer >= e.model().hp.n_layer) throw std::out_of_range("layer out of range");
                  return e.cache().layers[layer].pos.size();

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <chrono>
 #include <limits>
+#include <numeric>
 
 #include "ggml-alloc.h"
 #include "graph.h"
@@ -40,12 +42,19 @@ KVCache::~KVCache() {
 }
 
 void KVCache::clear() {
-    for (auto &l : layers) l.pos.clear();
+    for (auto &l : layers) {
+        l.pos.clear();
+        l.stats.truncate(0);
+    }
 }
 
 void KVCache::truncate(int n) {
-    for (auto &l : layers)
-        if ((int)l.pos.size() > n) l.pos.resize(std::max(0, n));
+    for (auto &l : layers) {
+        // positions grow along each layer's cache; a pruned layer holds fewer of them
+        size_t keep = std::lower_bound(l.pos.begin(), l.pos.end(), n) - l.pos.begin();
+        l.pos.resize(keep);
+        l.stats.truncate(keep);
+    }
 }
 
 int KVCache::max_len() const {
@@ -69,7 +78,7 @@ struct Engine::Graph {
     ggml_context *ctx = nullptr;
     ggml_cgraph *gf = nullptr;
     GraphInputs in;
-    ggml_tensor *logits = nullptr;
+    GraphOutputs out;
 
     Graph() : mem(ggml_tensor_overhead() * kGraphNodes + ggml_graph_overhead_custom(kGraphNodes, false)) {}
     ~Graph() {
@@ -91,18 +100,19 @@ Engine::~Engine() {
     if (sched_) ggml_backend_sched_free(sched_);
 }
 
-void Engine::set_ffn_neurons(std::vector<FfnNeurons> per_layer) {
-    const HParams &hp = model_->hp;
-    if ((int)per_layer.size() > hp.n_layer) throw std::invalid_argument("more neuron sets than layers");
-    for (auto &set : per_layer)
-        for (size_t i = 0; i < set.rows.size(); ++i)
-            if (set.rows[i] < 0 || set.rows[i] >= hp.n_ff || (i && set.rows[i] <= set.rows[i - 1]))
-                throw std::invalid_argument("neuron indices must be ascending and in [0, n_ff)");
-    ffn_neurons_ = std::move(per_layer);
-    ++ffn_neurons_version_;
+void Engine::set_ffn_neurons(const std::vector<std::vector<int32_t>> &per_layer) {
+    graph_.reset();  // the kept graph may point at the old compact weights
+    compact_.build(*model_, per_layer, model_->n_threads);
 }
 
-void Engine::validate(const Batch &batch, const Prune &prune) const {
+std::vector<std::vector<int32_t>> Engine::ffn_neurons() const {
+    std::vector<std::vector<int32_t>> out(model_->hp.n_layer);
+    for (int il = 0; il < model_->hp.n_layer; ++il)
+        if (const CompactFfn::Layer *c = compact_.layer(il)) out[il] = c->neurons;
+    return out;
+}
+
+void Engine::validate(const Batch &batch) const {
     const HParams &hp = model_->hp;
     const size_t n = batch.tokens.size();
     if (n == 0) throw std::invalid_argument("empty batch");
@@ -122,147 +132,303 @@ void Engine::validate(const Batch &batch, const Prune &prune) const {
     if (n_after > params_.n_ctx)
         throw std::invalid_argument("prompt too long: " + std::to_string(n_after) + " tokens (with " +
                                     std::to_string(cache_->max_len()) + " cached) exceed n_ctx=" + std::to_string(params_.n_ctx));
-    if (prune.after_layer >= 0) {
-        if (prune.after_layer >= hp.n_layer) throw std::invalid_argument("prune.after_layer beyond the last layer");
-        if (n > (size_t)params_.n_batch) throw std::invalid_argument("pruning needs the batch to fit in one n_batch graph");
-        if (prune.keep_rows.empty()) throw std::invalid_argument("prune.keep_rows is empty");
-        for (size_t i = 0; i < prune.keep_rows.size(); ++i)
-            if (prune.keep_rows[i] < 0 || (size_t)prune.keep_rows[i] >= n || (i && prune.keep_rows[i] <= prune.keep_rows[i - 1]))
-                throw std::invalid_argument("prune.keep_rows must be ascending batch rows");
-        for (int32_t r : batch.out_rows)
-            if (r >= (int32_t)prune.keep_rows.size()) throw std::invalid_argument("out_rows index beyond the kept rows");
-    }
 }
+
+namespace {
+void check_keep_rows(const std::vector<int32_t> &rows, size_t n, const char *what) {
+    if (rows.empty()) throw std::invalid_argument(std::string(what) + " is empty");
+    for (size_t i = 0; i < rows.size(); ++i)
+        if (rows[i] < 0 || (size_t)rows[i] >= n || (i && rows[i] <= rows[i - 1]))
+            throw std::invalid_argument(std::string(what) + " must be ascending indices in [0, " + std::to_string(n) + ")");
+}
+double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
 
 std::vector<float> Engine::decode(const Batch &batch, const Prune &prune) {
-    validate(batch, prune);
-    const size_t n = batch.tokens.size(), step = (size_t)params_.n_batch;
-    // Logits are only wanted from the graph holding the requested rows; we ask for them from
-    // the last graph, so out_rows must lie there when the batch is split.
+    validate(batch);
+    const HParams &hp = model_->hp;
+    const std::vector<uint8_t> no_acts(hp.n_layer, 0);
+    if (prune.after_layer < 0) return forward(batch, -1, nullptr, false, no_acts, 0.0, true, nullptr);
+    if (prune.after_layer >= hp.n_layer) throw std::invalid_argument("prune.after_layer beyond the last layer");
+    check_keep_rows(prune.keep_rows, batch.tokens.size(), "prune.keep_rows");
     for (int32_t r : batch.out_rows)
-        if (n > step && (size_t)r < (n - 1) / step * step)
-            throw std::invalid_argument("logits of a split batch can only be read from its last n_batch rows; call decode per chunk");
-    std::vector<float> logits;
-    int embd_begin = 0;
-    for (size_t begin = 0; begin < n; begin += step) {
-        size_t end = std::min(n, begin + step);
-        logits = decode_ubatch(batch, begin, end, embd_begin, prune);
-        for (size_t i = begin; i < end; ++i) embd_begin += batch.tokens[i] == -1;
-    }
-    return logits;
+        if (r >= (int32_t)prune.keep_rows.size()) throw std::invalid_argument("out_rows index beyond the kept rows");
+    return forward(batch, prune.after_layer, [&](const StageOut &) { return prune.keep_rows; }, true, no_acts, 0.0, true, nullptr);
 }
 
-std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t end, const Prune &prune) const {
+void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const {
+    const HParams &hp = model_->hp;
+    const int64_t n = (int64_t)batch.tokens.size();
+    if (!(sp.rho > 0.0 && sp.rho <= 1.0)) throw std::invalid_argument("rho must be in (0, 1]");
+    if (!(sp.beta > 0.0 && sp.beta <= 1.0)) throw std::invalid_argument("beta must be in (0, 1]");
+    if (!(sp.min_keep >= 0.0 && sp.max_keep <= 1.0 && sp.min_keep <= sp.max_keep))
+        throw std::invalid_argument("need 0 <= min_keep <= max_keep <= 1");
+    if (sp.budget < 0) throw std::invalid_argument("budget must be >= 0 (0: the elbow decides)");
+    if (sp.prune_layer < 0 || sp.prune_layer >= hp.n_layer - 1)
+        throw std::invalid_argument("prune_layer must be in [0, " + std::to_string(hp.n_layer - 2) + "] (a layer must follow it)");
+    for (int l : sp.dense_layers)
+        if (l < 0 || l >= hp.n_layer) throw std::invalid_argument("dense layer " + std::to_string(l) + " out of range");
+    int64_t end = 0;
+    for (const ImageSpan &im : images) {
+        if (im.n_rows <= 0 || im.first_row < end || im.first_row + (int64_t)im.n_rows > n)
+            throw std::invalid_argument("image spans must be non-empty, ascending, disjoint and inside the batch");
+        end = im.first_row + (int64_t)im.n_rows;
+        if (!im.keep.empty()) check_keep_rows(im.keep, (size_t)im.n_rows, "an image's forced kept tokens");
+        for (int32_t r : batch.out_rows)
+            if (r >= im.first_row && r < end) throw std::invalid_argument("logits of image rows cannot be requested when pruning");
+    }
+    if (!images.empty() && (anchor_row < 0 || anchor_row >= n)) throw std::invalid_argument("anchor_row out of range");
+}
+
+PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams *sp) {
+    validate(batch);
+    const HParams &hp = model_->hp;
+    PrefillResult res;
+    if (!sp) {  // the dense engine: also forgets earlier core neurons
+        if (!compact_.empty()) compact_.clear();
+        res.logits = forward(batch, -1, nullptr, false, std::vector<uint8_t>(hp.n_layer, 0), 0.0, false, nullptr);
+        return res;
+    }
+    validate_sparsity(batch, images, anchor_row, *sp);
+    const int K = sp->prune_layer;
+    const bool prune = sp->tokens && !images.empty();
+    std::vector<uint8_t> dense(hp.n_layer, 0), act_use(hp.n_layer, 0);
+    for (int l : sp->dense_layers) dense[l] = 1;
+    for (int il = 0; il < hp.n_layer; ++il) {
+        if (sp->neurons && !dense[il]) act_use[il] |= kStats;
+        if (prune && il == K) act_use[il] |= kCapture | (sp->score == TokenScore::paper ? kStats : 0);
+    }
+    const int64_t n_ff = hp.n_ff;
+    auto block_of = [&](int il) { return ggml_blck_size(model_->layers[il].ffn_down->type); };
+
+    // Core tokens, from the activations at layer K of this batch (and the statistics of every
+    // token layer K holds, for the paper score).
+    ChooseKeep choose = [&](const StageOut &a) {
+        auto t0 = std::chrono::steady_clock::now();
+        std::vector<uint8_t> ref;  // the neuron set image tokens are matched against
+        if (sp->score == TokenScore::paper) {
+            ref.assign(n_ff, 0);
+            for (int32_t i : core_neurons(cache_->layers[K].stats, n_ff, sp->beta, block_of(K))) ref[i] = 1;
+        } else {
+            const float *anchor = a.captured.data() + (size_t)anchor_row * n_ff;
+            ref.resize(n_ff);
+            for (int64_t i = 0; i < n_ff; ++i) ref[i] = anchor[i] > 0.0f;
+        }
+        std::vector<uint8_t> keep_row(batch.tokens.size(), 1);
+        for (const ImageSpan &im : images) {
+            std::vector<int32_t> kept = im.keep;
+            if (kept.empty()) {
+                std::vector<double> scores(im.n_rows);
+                for (int32_t j = 0; j < im.n_rows; ++j)
+                    scores[j] = (double)count_active_in(a.captured.data() + (size_t)(im.first_row + j) * n_ff, ref);
+                kept = select_tokens(scores, sp->budget, sp->min_keep, sp->max_keep);
+            }
+            std::fill_n(keep_row.begin() + im.first_row, im.n_rows, 0);
+            for (int32_t j : kept) keep_row[im.first_row + j] = 1;
+            res.kept.push_back(std::move(kept));
+        }
+        std::vector<int32_t> rows;
+        for (size_t r = 0; r < keep_row.size(); ++r)
+            if (keep_row[r]) rows.push_back((int32_t)r);
+        res.select_ms += ms_since(t0);
+        return rows;
+    };
+    res.logits = forward(batch, prune ? K : -1, prune ? choose : ChooseKeep(), false, act_use, sp->rho, false, &res.stats_ms);
+    for (const ImageSpan &im : images)
+        if (!prune) {  // no pruning: every token stays
+            std::vector<int32_t> all(im.n_rows);
+            std::iota(all.begin(), all.end(), 0);
+            res.kept.push_back(std::move(all));
+        }
+
+    // Core neurons of every sparse layer, from the tokens that layer holds.
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::vector<int32_t>> sets(hp.n_layer);
+    if (sp->neurons)
+        for (int il = 0; il < hp.n_layer; ++il)
+            if (!dense[il]) sets[il] = core_neurons(cache_->layers[il].stats, n_ff, sp->beta, block_of(il));
+    graph_.reset();
+    compact_.build(*model_, sets, model_->n_threads);
+    res.compact_ms = ms_since(t0);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const CompactFfn::Layer *c = compact_.layer(il);
+        res.core_neurons.push_back(c ? (int32_t)c->neurons.size() : (int32_t)n_ff);
+    }
+    return res;
+}
+
+std::vector<float> Engine::forward(const Batch &batch, int after_layer, const ChooseKeep &choose_keep, bool out_in_kept,
+                                   const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms) {
+    const HParams &hp = model_->hp;
+    StageOut out;
+    if (after_layer < 0) {
+        run_stage(batch, 0, hp.n_layer, act_use, rho, use_compact, out, stats_ms);
+        return out.logits;
+    }
+    Batch first = batch;
+    first.out_rows.clear();
+    run_stage(first, 0, after_layer + 1, act_use, rho, use_compact, out, stats_ms);
+    const std::vector<int32_t> keep = choose_keep(out);
+
+    // The kept rows enter layer after_layer + 1 as hidden states, at their original positions.
+    Batch rest;
+    std::vector<float> hidden(keep.size() * (size_t)hp.n_embd);
+    for (size_t i = 0; i < keep.size(); ++i) {
+        std::copy_n(out.hidden.data() + (size_t)keep[i] * hp.n_embd, hp.n_embd, hidden.data() + i * hp.n_embd);
+        rest.pos.push_back(batch.pos[keep[i]]);
+    }
+    rest.tokens.assign(keep.size(), -1);
+    rest.embd = hidden.data();
+    rest.n_embd_rows = (int)keep.size();
+    for (int32_t r : batch.out_rows) {
+        if (out_in_kept) {
+            rest.out_rows.push_back(r);
+            continue;
+        }
+        auto it = std::lower_bound(keep.begin(), keep.end(), r);
+        if (it == keep.end() || *it != r) throw std::invalid_argument("a row whose logits are requested was pruned");
+        rest.out_rows.push_back((int32_t)(it - keep.begin()));
+    }
+    StageOut last;
+    run_stage(rest, after_layer + 1, hp.n_layer, act_use, rho, use_compact, last, stats_ms);
+    return last.logits;
+}
+
+std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
+                                       const std::vector<uint8_t> &act_use, bool use_compact) const {
     int64_t n_rows = (int64_t)(end - begin), n_token_rows = 0;
     for (size_t i = begin; i < end; ++i) n_token_rows += batch.tokens[i] >= 0;
     const bool last = end == batch.tokens.size();
-    const int64_t n_kept = prune.after_layer >= 0 ? (int64_t)prune.keep_rows.size() : n_rows;
-    std::vector<int64_t> key = {n_rows, n_token_rows, last ? (int64_t)batch.out_rows.size() : 0,
-                                prune.after_layer, n_kept, ffn_neurons_version_};
+    std::vector<int64_t> key = {n_rows, n_token_rows, last ? (int64_t)batch.out_rows.size() : 0, layer_begin, layer_end,
+                                use_compact ? compact_.version() : -1};
     const auto &layers = cache_->layers;
-    for (size_t il = 0; il < layers.size(); ++il) {
-        const int64_t n_q = prune.after_layer >= 0 && (int)il > prune.after_layer ? n_kept : n_rows;
-        size_t group = 0;  // first layer with the same cache length: masks and slots are shared
+    for (int il = layer_begin; il < layer_end; ++il) {
+        size_t group = layer_begin;  // first layer with the same cache length: masks and slots are shared
         while (layers[group].pos.size() != layers[il].pos.size()) ++group;
-        key.push_back(std::min<int64_t>(cache_->n_ctx, GGML_PAD((int64_t)layers[il].pos.size() + n_q, 256)));
+        key.push_back(std::min<int64_t>(cache_->n_ctx, GGML_PAD((int64_t)layers[il].pos.size() + n_rows, 256)));
         key.push_back((int64_t)group);
+        key.push_back(act_use[il] != 0);
     }
     return key;
 }
 
-std::vector<float> Engine::decode_ubatch(const Batch &batch, size_t begin, size_t end, int embd_begin, const Prune &prune) {
+void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const std::vector<uint8_t> &act_use, double rho,
+                       bool use_compact, StageOut &so, double *stats_ms) {
     const HParams &hp = model_->hp;
-    const bool last = end == batch.tokens.size();
-    std::vector<int32_t> out_rows;  // relative to this graph's rows
-    if (last)
-        for (int32_t r : batch.out_rows) out_rows.push_back(prune.after_layer >= 0 ? r : r - (int32_t)begin);
+    const size_t n = batch.tokens.size(), step = (size_t)params_.n_batch;
+    // Logits are read from the graph holding the requested rows, the last one when split.
+    for (int32_t r : batch.out_rows)
+        if (n > step && (size_t)r < (n - 1) / step * step)
+            throw std::invalid_argument("logits of a split batch can only be read from its last n_batch rows; call decode per chunk");
+    const bool to_logits = layer_end == hp.n_layer;
+    if (!to_logits) so.hidden.resize(n * (size_t)hp.n_embd);
+    int capture_layer = -1;
+    for (int il = layer_begin; il < layer_end; ++il)
+        if (act_use[il] & kCapture) capture_layer = il;
+    if (capture_layer >= 0) so.captured.resize(n * (size_t)hp.n_ff);
 
-    std::vector<int64_t> key = graph_key(batch, begin, end, prune);
-    if (!graph_ || graph_->key != key) {
-        graph_.reset();
-        auto g = std::make_unique<Graph>();
-        g->key = std::move(key);
-        ggml_init_params ip = {g->mem.size(), g->mem.data(), true};
-        g->ctx = ggml_init(ip);
-        g->gf = ggml_new_graph_custom(g->ctx, kGraphNodes, false);
-        Batch shape;  // what the builder reads: row kinds and the number of outputs
-        shape.tokens = batch.tokens;
-        shape.out_rows = out_rows;
-        GraphSpec spec{&shape, begin, end, &prune, &ffn_neurons_};
-        g->logits = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
-        ggml_backend_sched_reset(sched_);
-        if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
-        graph_ = std::move(g);
-    }
-    const GraphInputs &in = graph_->in;
+    int embd_begin = 0;
+    std::vector<float> acts;
+    for (size_t begin = 0; begin < n; begin += step) {
+        const size_t end = std::min(n, begin + step);
+        const int64_t n_rows = (int64_t)(end - begin);
+        const bool last = end == n;
 
-    // ---- inputs
-    const int64_t n_rows = (int64_t)(end - begin);
-    std::vector<int32_t> token_ids, order(n_rows);
-    {
-        int32_t n_tok = 0;
-        for (int64_t i = 0; i < n_rows; ++i) n_tok += batch.tokens[begin + i] >= 0;
-        int32_t t = 0, e = n_tok;  // embeddings follow the token rows in the concat
-        for (int64_t i = 0; i < n_rows; ++i) {
-            int32_t id = batch.tokens[begin + i];
-            if (id >= 0) token_ids.push_back(id);
-            order[i] = id >= 0 ? t++ : e++;
+        std::vector<int32_t> out_rows;  // relative to this graph's rows
+        if (last)
+            for (int32_t r : batch.out_rows) out_rows.push_back(r - (int32_t)begin);
+        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, use_compact);
+        if (!graph_ || graph_->key != key) {
+            graph_.reset();
+            auto g = std::make_unique<Graph>();
+            g->key = std::move(key);
+            ggml_init_params ip = {g->mem.size(), g->mem.data(), true};
+            g->ctx = ggml_init(ip);
+            g->gf = ggml_new_graph_custom(g->ctx, kGraphNodes, false);
+            Batch shape;  // what the builder reads: row kinds and the number of outputs
+            shape.tokens = batch.tokens;
+            shape.out_rows = out_rows;
+            GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, use_compact ? &compact_ : nullptr};
+            g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
+            ggml_backend_sched_reset(sched_);
+            if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
+            graph_ = std::move(g);
         }
-    }
-    if (in.tokens) ggml_backend_tensor_set(in.tokens, token_ids.data(), 0, ggml_nbytes(in.tokens));
-    if (in.embd) ggml_backend_tensor_set(in.embd, batch.embd + (size_t)embd_begin * hp.n_embd, 0, ggml_nbytes(in.embd));
-    if (in.row_order) ggml_backend_tensor_set(in.row_order, order.data(), 0, ggml_nbytes(in.row_order));
-    const int32_t *pos = batch.pos.data() + begin;
-    ggml_backend_tensor_set(in.pos, pos, 0, n_rows * sizeof(int32_t));
-    std::vector<int32_t> kept_pos;
-    if (in.keep_rows) {
-        for (int32_t r : prune.keep_rows) kept_pos.push_back(pos[r]);
-        ggml_backend_tensor_set(in.keep_rows, prune.keep_rows.data(), 0, ggml_nbytes(in.keep_rows));
-        ggml_backend_tensor_set(in.pos_kept, kept_pos.data(), 0, ggml_nbytes(in.pos_kept));
-    }
-    if (in.out_rows) ggml_backend_tensor_set(in.out_rows, out_rows.data(), 0, ggml_nbytes(in.out_rows));
-    for (auto &m : in.masks) {
-        // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i
-        const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cache_->layers[m.layer].pos.size();
-        std::vector<float> mask((size_t)n_kv * n_q, -INFINITY);
-        for (int64_t i = 0; i < n_q; ++i) std::fill_n(mask.begin() + i * n_kv, n_past + i + 1, 0.0f);
-        ggml_backend_tensor_set(m.t, mask.data(), 0, ggml_nbytes(m.t));
-    }
-    for (auto &sl : in.slots) {
-        const int64_t n_q = sl.k->ne[0], n_past = (int64_t)cache_->layers[sl.layer].pos.size(), D = hp.n_embd_kv();
-        std::vector<int64_t> k(n_q), v(n_q * D);
-        for (int64_t i = 0; i < n_q; ++i) {
-            k[i] = n_past + i;
-            for (int64_t j = 0; j < D; ++j) v[i * D + j] = j * cache_->n_ctx + n_past + i;  // v is [n_ctx, n_embd_kv]
+        const GraphInputs &in = graph_->in;
+
+        // ---- inputs
+        std::vector<int32_t> token_ids, order(n_rows);
+        {
+            int32_t n_tok = 0;
+            for (int64_t i = 0; i < n_rows; ++i) n_tok += batch.tokens[begin + i] >= 0;
+            int32_t t = 0, e = n_tok;  // embeddings follow the token rows in the concat
+            for (int64_t i = 0; i < n_rows; ++i) {
+                int32_t id = batch.tokens[begin + i];
+                if (id >= 0) token_ids.push_back(id);
+                order[i] = id >= 0 ? t++ : e++;
+            }
         }
-        ggml_backend_tensor_set(sl.k, k.data(), 0, ggml_nbytes(sl.k));
-        ggml_backend_tensor_set(sl.v, v.data(), 0, ggml_nbytes(sl.v));
-    }
-    for (auto &nr : in.neurons) {
-        const auto &rows = ffn_neurons_[nr.layer].rows;
-        ggml_backend_tensor_set(nr.rows, rows.data(), 0, ggml_nbytes(nr.rows));
-        std::vector<float> zeros(ggml_nelements(nr.zeros), 0.0f);
-        ggml_backend_tensor_set(nr.zeros, zeros.data(), 0, ggml_nbytes(nr.zeros));
-    }
+        if (in.tokens) ggml_backend_tensor_set(in.tokens, token_ids.data(), 0, ggml_nbytes(in.tokens));
+        if (in.embd) ggml_backend_tensor_set(in.embd, batch.embd + (size_t)embd_begin * hp.n_embd, 0, ggml_nbytes(in.embd));
+        if (in.row_order) ggml_backend_tensor_set(in.row_order, order.data(), 0, ggml_nbytes(in.row_order));
+        const int32_t *pos = batch.pos.data() + begin;
+        ggml_backend_tensor_set(in.pos, pos, 0, n_rows * sizeof(int32_t));
+        if (in.out_rows) ggml_backend_tensor_set(in.out_rows, out_rows.data(), 0, ggml_nbytes(in.out_rows));
+        for (auto &m : in.masks) {
+            // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i
+            const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cache_->layers[m.layer].pos.size();
+            std::vector<float> mask((size_t)n_kv * n_q, -INFINITY);
+            for (int64_t i = 0; i < n_q; ++i) std::fill_n(mask.begin() + i * n_kv, n_past + i + 1, 0.0f);
+            ggml_backend_tensor_set(m.t, mask.data(), 0, ggml_nbytes(m.t));
+        }
+        for (auto &sl : in.slots) {
+            const int64_t n_q = sl.k->ne[0], n_past = (int64_t)cache_->layers[sl.layer].pos.size(), D = hp.n_embd_kv();
+            std::vector<int64_t> k(n_q), v(n_q * D);
+            for (int64_t i = 0; i < n_q; ++i) {
+                k[i] = n_past + i;
+                for (int64_t j = 0; j < D; ++j) v[i * D + j] = j * cache_->n_ctx + n_past + i;  // v is [n_ctx, n_embd_kv]
+            }
+            ggml_backend_tensor_set(sl.k, k.data(), 0, ggml_nbytes(sl.k));
+            ggml_backend_tensor_set(sl.v, v.data(), 0, ggml_nbytes(sl.v));
+        }
 
-    if (ggml_backend_sched_graph_compute(sched_, graph_->gf) != GGML_STATUS_SUCCESS) {
-        graph_.reset();
-        throw std::runtime_error("graph computation failed");
-    }
+        if (ggml_backend_sched_graph_compute(sched_, graph_->gf) != GGML_STATUS_SUCCESS) {
+            graph_.reset();
+            throw std::runtime_error("graph computation failed");
+        }
 
-    // ---- outputs, and the caches now hold the new rows
-    std::vector<float> out;
-    if (graph_->logits) {
-        out.resize(ggml_nelements(graph_->logits));
-        ggml_backend_tensor_get(graph_->logits, out.data(), 0, ggml_nbytes(graph_->logits));
+        // ---- outputs, and the caches now hold the new rows
+        const GraphOutputs &go = graph_->out;
+        if (go.logits) {
+            so.logits.resize(ggml_nelements(go.logits));
+            ggml_backend_tensor_get(go.logits, so.logits.data(), 0, ggml_nbytes(go.logits));
+        }
+        if (go.hidden) ggml_backend_tensor_get(go.hidden, so.hidden.data() + begin * hp.n_embd, 0, ggml_nbytes(go.hidden));
+        for (int il = layer_begin; il < layer_end; ++il) {
+            LayerCache &lc = cache_->layers[il];
+            lc.pos.insert(lc.pos.end(), pos, pos + n_rows);
+            ggml_tensor *act = nullptr;
+            for (auto &[l, t] : go.acts)
+                if (l == il) act = t;
+            if (!act) {
+                lc.stats.append_none(n_rows);
+                continue;
+            }
+            acts.resize(ggml_nelements(act));  // [n_rows][n_ff]
+            ggml_backend_tensor_get(act, acts.data(), 0, ggml_nbytes(act));
+            if (act_use[il] & kCapture) std::copy(acts.begin(), acts.end(), so.captured.begin() + begin * hp.n_ff);
+            if (act_use[il] & kStats) {
+                auto t0 = std::chrono::steady_clock::now();
+                lc.stats.append(acts.data(), hp.n_ff, n_rows, rho, model_->n_threads);
+                if (stats_ms) *stats_ms += ms_since(t0);
+            } else {
+                lc.stats.append_none(n_rows);
+            }
+        }
+        for (int64_t i = 0; i < n_rows; ++i) embd_begin += batch.tokens[begin + i] == -1;
     }
-    const bool pruning = prune.after_layer >= 0;
-    for (int il = 0; il < hp.n_layer; ++il) {
-        auto &p = cache_->layers[il].pos;
-        if (pruning && il > prune.after_layer) p.insert(p.end(), kept_pos.begin(), kept_pos.end());
-        else p.insert(p.end(), pos, pos + n_rows);
-    }
-    return out;
 }
 
 }  // namespace cmx

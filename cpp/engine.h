@@ -7,21 +7,25 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "model.h"
+#include "sparsity.h"
 
 namespace cmx {
 
 // Per-layer KV cache. k: [n_embd_kv, n_ctx] (token j is row j); v is stored transposed,
 // [n_ctx, n_embd_kv], so attention reads it with one matmul (llama.cpp's non-flash layout).
 // pos[j] is the RoPE position of cached token j; size() of pos is the layer's length.
+// stats holds, row for row, what CoreMatching needs of each cached token's FFN activations.
 struct LayerCache {
     ggml_tensor *k = nullptr;
     ggml_tensor *v = nullptr;
     std::vector<int32_t> pos;
+    NeuronStats stats;
 };
 
 struct KVCache {
@@ -36,7 +40,7 @@ struct KVCache {
     KVCache &operator=(const KVCache &) = delete;
 
     void clear();
-    // Forget cached tokens from index n on, in every layer whose cache is longer.
+    // Forget the cached tokens at positions >= n, in every layer (positions grow along a cache).
     void truncate(int n);
     int max_len() const;
 };
@@ -50,16 +54,28 @@ struct Batch {
     std::vector<int32_t> out_rows;   // rows whose logits are returned (after pruning: kept rows)
 };
 
-// Token pruning hook: layers <= after_layer see all rows of the batch, later layers only
-// keep_rows (ascending batch row indices). after_layer < 0 disables it.
+// Token pruning: layers <= after_layer see all rows of the batch, later layers only keep_rows
+// (ascending batch row indices). after_layer < 0 disables it.
 struct Prune {
     int after_layer = -1;
     std::vector<int32_t> keep_rows;
 };
 
-// Neuron index set for one layer's FFN (the core-neuron hook); empty means dense.
-struct FfnNeurons {
-    std::vector<int32_t> rows;  // ascending neuron indices in [0, n_ff)
+// An image's rows in a prefill batch. `keep` (indices into the image) forces its kept tokens;
+// empty: CoreMatching selects them.
+struct ImageSpan {
+    int32_t first_row = 0;
+    int32_t n_rows = 0;
+    std::vector<int32_t> keep;
+};
+
+struct PrefillResult {
+    std::vector<float> logits;                // [out_rows.size(), n_vocab]
+    std::vector<std::vector<int32_t>> kept;   // per image: kept indices into the image
+    std::vector<int32_t> core_neurons;        // per layer: core neurons its decode FFN reads (n_ff: dense)
+    double select_ms = 0.0;                   // scoring and choosing tokens
+    double stats_ms = 0.0;                    // per-token neuron statistics
+    double compact_ms = 0.0;                  // building the compact FFN weights
 };
 
 struct EngineParams {
@@ -75,12 +91,20 @@ class Engine {
     Engine &operator=(const Engine &) = delete;
 
     // Evaluates the batch on top of the cache (split into n_batch-row graphs) and returns the
-    // logits of out_rows, [out_rows.size(), n_vocab] row-major. Throws std::invalid_argument for
-    // bad input, before anything reaches ggml.
+    // logits of out_rows, [out_rows.size(), n_vocab] row-major (with pruning, out_rows index the
+    // kept rows). FFNs read only the core neurons set by set_ffn_neurons / prefill, if any.
+    // Throws std::invalid_argument for bad input, before anything reaches ggml.
     std::vector<float> decode(const Batch &batch, const Prune &prune = {});
 
-    // Core-neuron sets per layer (empty vector or empty set: dense). Applied to later decodes.
-    void set_ffn_neurons(std::vector<FfnNeurons> per_layer);
+    // A prompt's prefill (dense FFNs). With sparsity: CoreMatching selects each image's core
+    // tokens after layer sp->prune_layer (anchor_row: the anchor score's token) and, when
+    // sp->neurons, sets the core neurons of later decodes; without, decodes go dense.
+    PrefillResult prefill(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row,
+                          const SparsityParams *sp);
+
+    // Core-neuron sets per layer (empty set, or all of n_ff: dense), applied to later decodes.
+    void set_ffn_neurons(const std::vector<std::vector<int32_t>> &per_layer);
+    std::vector<std::vector<int32_t>> ffn_neurons() const;
 
     const Model &model() const { return *model_; }
     KVCache &cache() { return *cache_; }
@@ -90,15 +114,32 @@ class Engine {
    private:
     struct Graph;  // a built, allocated graph kept for reuse (graph.h)
 
-    std::vector<float> decode_ubatch(const Batch &batch, size_t begin, size_t end, int embd_begin, const Prune &prune);
-    void validate(const Batch &batch, const Prune &prune) const;
-    std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, const Prune &prune) const;
+    // What a stage does with a layer's FFN activations (bit flags per layer).
+    enum ActUse : uint8_t { kStats = 1, kCapture = 2 };
+    struct StageOut {
+        std::vector<float> logits;    // of out_rows, from the last graph
+        std::vector<float> hidden;    // [n_rows][n_embd], when the stage ends before the last layer
+        std::vector<float> captured;  // [n_rows][n_ff], activations of the layer flagged kCapture
+    };
+
+    // Layers [layer_begin, layer_end) over every row of the batch, in n_batch-row graphs.
+    void run_stage(const Batch &batch, int layer_begin, int layer_end, const std::vector<uint8_t> &act_use,
+                   double rho, bool use_compact, StageOut &out, double *stats_ms);
+    // The whole forward: one stage, or with pruning layers 0..after_layer over every row, then
+    // choose_keep (ascending batch rows) from that stage's output, then the later layers over
+    // the kept rows only. out_rows index the batch (out_in_kept: the kept rows).
+    using ChooseKeep = std::function<std::vector<int32_t>(const StageOut &)>;
+    std::vector<float> forward(const Batch &batch, int after_layer, const ChooseKeep &choose_keep, bool out_in_kept,
+                               const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms);
+    void validate(const Batch &batch) const;
+    void validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const;
+    std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
+                                   const std::vector<uint8_t> &act_use, bool use_compact) const;
 
     std::shared_ptr<Model> model_;
     EngineParams params_;
     std::unique_ptr<KVCache> cache_;
-    std::vector<FfnNeurons> ffn_neurons_;
-    int64_t ffn_neurons_version_ = 0;
+    CompactFfn compact_;
     ggml_backend_sched_t sched_ = nullptr;
     std::unique_ptr<Graph> graph_;
 };

@@ -69,27 +69,14 @@ struct Builder {
         return linear(l.wo, l.bo, kqv);                              // [n_embd, n_q]
     }
 
-    // SwiGLU FFN. With a neuron set only those rows of gate/up are read; their activations are
-    // scattered back to n_ff so the down projection is unchanged (the compacted down matrix for
-    // decoding is the sparsity module's job).
-    ggml_tensor *ffn(int il, ggml_tensor *x, const FfnNeurons *neurons) {
+    // SwiGLU FFN, the hook for core neurons: with a compact layer (decode under CoreMatching) it
+    // reads only the core neurons' gate/up rows and down columns. `act` receives the activations.
+    ggml_tensor *ffn(int il, ggml_tensor *x, const CompactFfn::Layer *core, ggml_tensor **act) {
         const Layer &l = model.layers[il];
-        if (!neurons || neurons->rows.empty()) {
-            ggml_tensor *a = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, l.ffn_gate, x), ggml_mul_mat(ctx, l.ffn_up, x));  // [n_ff, n_q]
-            return ggml_mul_mat(ctx, l.ffn_down, a);  // [n_embd, n_q]
-        }
-        const int64_t k = (int64_t)neurons->rows.size(), n_q = x->ne[1];
-        ggml_tensor *rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, k);
-        ggml_tensor *zeros = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_q, hp.n_ff);
-        ggml_set_input(rows);
-        ggml_set_input(zeros);
-        in.neurons.push_back({rows, zeros, il});
-        ggml_tensor *gate = ggml_get_rows(ctx, l.ffn_gate, rows);  // [n_embd, k]
-        ggml_tensor *up = ggml_get_rows(ctx, l.ffn_up, rows);      // [n_embd, k]
-        ggml_tensor *a = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, gate, x), ggml_mul_mat(ctx, up, x));  // [k, n_q]
-        ggml_tensor *a_full = ggml_set_rows(ctx, zeros, ggml_cont(ctx, ggml_transpose(ctx, a)), rows);    // [n_q, n_ff]
-        a_full = ggml_cont(ctx, ggml_transpose(ctx, a_full));                                              // [n_ff, n_q]
-        return ggml_mul_mat(ctx, l.ffn_down, a_full);
+        ggml_tensor *gate = core ? core->gate : l.ffn_gate, *up = core ? core->up : l.ffn_up, *down = core ? core->down : l.ffn_down;
+        ggml_tensor *a = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, gate, x), ggml_mul_mat(ctx, up, x));  // [n_ff or k, n_q]
+        if (act) *act = a;
+        return ggml_mul_mat(ctx, down, a);  // [n_embd, n_q]
     }
 
     // Cache slots written by this graph; layers with equal cache lengths share them.
@@ -106,21 +93,21 @@ struct Builder {
 
     // Attention spans the cache padded to kKVPad entries (masked), as llama.cpp does: the same
     // reduction lengths give the same rounding, hence logits equal to llama.cpp's.
-    ggml_tensor *new_mask(int il, int64_t n_q, bool pruned) {
+    ggml_tensor *new_mask(int il, int64_t n_q) {
         const int64_t n_past = (int64_t)cache.layers[il].pos.size();
         const int64_t n_kv = std::min<int64_t>(cache.n_ctx, GGML_PAD(n_past + n_q, kKVPad));
         ggml_tensor *m = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_q);  // [n_kv, n_q]
         ggml_set_input(m);
-        in.masks.push_back({m, il, pruned});
+        in.masks.push_back({m, il});
         return m;
     }
 
     // Causal in sequence order, so a mask depends only on the cache length and the queries:
     // layers with equal lengths (all of them, unless pruning made two groups) share one.
-    ggml_tensor *mask_for(int il, int64_t n_q, bool pruned) {
+    ggml_tensor *mask_for(int il, int64_t n_q) {
         for (auto &m : in.masks)
-            if (m.pruned == pruned && cache.layers[m.layer].pos.size() == cache.layers[il].pos.size()) return m.t;
-        return new_mask(il, n_q, pruned);
+            if (cache.layers[m.layer].pos.size() == cache.layers[il].pos.size()) return m.t;
+        return new_mask(il, n_q);
     }
 };
 
@@ -133,18 +120,20 @@ ggml_tensor *input_tensor(ggml_context *ctx, ggml_type type, int64_t n0, int64_t
 
 }  // namespace
 
-ggml_tensor *build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &model, KVCache &cache,
+GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &model, KVCache &cache,
                            const GraphSpec &spec, GraphInputs &in) {
     const HParams &hp = model.hp;
     Builder b{ctx, gf, model, hp, cache, in};
     const Batch &batch = *spec.batch;
     const int64_t n_rows = (int64_t)(spec.end - spec.begin);
+    GraphOutputs out;
 
     int64_t n_token_rows = 0;
     for (size_t i = spec.begin; i < spec.end; ++i) n_token_rows += batch.tokens[i] >= 0;
     const int64_t n_embd_rows = n_rows - n_token_rows;
 
-    // Input rows: token embeddings, float embeddings, or both put back in sequence order.
+    // Input rows: token embeddings, float embeddings (or hidden states entering a later layer),
+    // or both put back in sequence order.
     ggml_tensor *x = nullptr;
     if (n_token_rows) {
         in.tokens = input_tensor(ctx, GGML_TYPE_I32, n_token_rows, 0, "inp_tokens");
@@ -159,36 +148,42 @@ ggml_tensor *build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         x = ggml_get_rows(ctx, x, in.row_order);  // [n_embd, n_rows] in sequence order
     }
     in.pos = input_tensor(ctx, GGML_TYPE_I32, n_rows, 0, "inp_pos");
-    ggml_tensor *pos = in.pos;
 
-    const Prune *prune = spec.prune && spec.prune->after_layer >= 0 ? spec.prune : nullptr;
-    const int64_t n_out = (int64_t)batch.out_rows.size();
+    const bool to_logits = spec.layer_end == hp.n_layer;
+    const int64_t n_out = to_logits ? (int64_t)batch.out_rows.size() : 0;
     if (n_out) in.out_rows = input_tensor(ctx, GGML_TYPE_I32, n_out, 0, "inp_out_rows");
 
-    bool pruned = false;
-    for (int il = 0; il < hp.n_layer; ++il) {
-        if (prune && il == prune->after_layer + 1) {
-            // CoreMatching: later layers (and their caches) see only the kept rows.
-            in.keep_rows = input_tensor(ctx, GGML_TYPE_I32, (int64_t)prune->keep_rows.size(), 0, "inp_keep_rows");
-            in.pos_kept = input_tensor(ctx, GGML_TYPE_I32, (int64_t)prune->keep_rows.size(), 0, "inp_pos_kept");
-            x = ggml_get_rows(ctx, x, in.keep_rows);  // [n_embd, n_kept]
-            pos = in.pos_kept;
-            pruned = true;
+    for (int il = spec.layer_begin; il < spec.layer_end; ++il) {
+        const bool collect = spec.collect_acts && (*spec.collect_acts)[il];
+        const CompactFfn::Layer *core = spec.compact ? spec.compact->layer(il) : nullptr;
+        ggml_tensor *act = nullptr;
+
+        ggml_tensor *h = ggml_add(ctx, x, b.attention(il, b.rms_norm(x, model.layers[il].attn_norm), in.pos, b.mask_for(il, x->ne[1])));
+        // the last layer's FFN runs only on rows whose logits are wanted (unless its activations are)
+        const bool narrow = il == hp.n_layer - 1 && in.out_rows && !collect;
+        if (narrow) h = ggml_get_rows(ctx, h, in.out_rows);
+        x = ggml_add(ctx, h, b.ffn(il, b.rms_norm(h, model.layers[il].ffn_norm), core, collect ? &act : nullptr));
+        if (il == hp.n_layer - 1 && in.out_rows && !narrow) x = ggml_get_rows(ctx, x, in.out_rows);
+        if (collect) {
+            ggml_set_output(act);
+            ggml_build_forward_expand(gf, act);
+            out.acts.push_back({il, act});
         }
-        const int64_t n_q = x->ne[1];
-        const FfnNeurons *neurons = spec.ffn_neurons && il < (int)spec.ffn_neurons->size() ? &(*spec.ffn_neurons)[il] : nullptr;
-
-        ggml_tensor *h = ggml_add(ctx, x, b.attention(il, b.rms_norm(x, model.layers[il].attn_norm), pos, b.mask_for(il, n_q, pruned)));
-        if (il == hp.n_layer - 1 && in.out_rows) h = ggml_get_rows(ctx, h, in.out_rows);  // only rows whose logits are wanted
-        x = ggml_add(ctx, h, b.ffn(il, b.rms_norm(h, model.layers[il].ffn_norm), neurons));
     }
-    if (!in.out_rows) return nullptr;
+    if (!to_logits) {
+        out.hidden = x;  // [n_embd, n_rows]
+        ggml_set_name(out.hidden, "hidden_out");
+        ggml_set_output(out.hidden);
+        ggml_build_forward_expand(gf, out.hidden);
+        return out;
+    }
+    if (!in.out_rows) return out;
 
-    ggml_tensor *logits = ggml_mul_mat(ctx, model.output, b.rms_norm(x, model.output_norm));  // [n_vocab, n_out]
-    ggml_set_name(logits, "logits");
-    ggml_set_output(logits);
-    ggml_build_forward_expand(gf, logits);
-    return logits;
+    out.logits = ggml_mul_mat(ctx, model.output, b.rms_norm(x, model.output_norm));  // [n_vocab, n_out]
+    ggml_set_name(out.logits, "logits");
+    ggml_set_output(out.logits);
+    ggml_build_forward_expand(gf, out.logits);
+    return out;
 }
 
 }  // namespace cmx

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "sparsity.h"
 
 namespace cmx {
 
@@ -13,13 +14,10 @@ struct GraphInputs {
     ggml_tensor *embd = nullptr;        // F32 [n_embd, n_embd_rows]
     ggml_tensor *row_order = nullptr;   // I32 [n_rows]: mixed batches interleave tokens and embeddings
     ggml_tensor *pos = nullptr;         // I32 [n_rows]
-    ggml_tensor *pos_kept = nullptr;    // I32 [n_kept] (after pruning)
-    ggml_tensor *keep_rows = nullptr;   // I32 [n_kept]
     ggml_tensor *out_rows = nullptr;    // I32 [n_out]
     struct Mask {
         ggml_tensor *t;  // F32 [n_kv, n_q]; n_kv = n_past + n_q rounded up (padding masked)
         int layer;       // a layer whose cache length (n_past) defines it
-        bool pruned;     // queries are the kept rows
     };
     std::vector<Mask> masks;
     struct Slots {
@@ -28,23 +26,25 @@ struct GraphInputs {
         int layer;       // a layer whose cache length defines them
     };
     std::vector<Slots> slots;
-    struct Neurons {
-        ggml_tensor *rows;   // I32 [k]
-        ggml_tensor *zeros;  // F32 [n_q, n_ff], scatter target for the down projection
-        int layer;
-    };
-    std::vector<Neurons> neurons;
+};
+
+// Outputs besides the logits.
+struct GraphOutputs {
+    ggml_tensor *logits = nullptr;  // F32 [n_vocab, n_out], when the graph ends at the last layer
+    ggml_tensor *hidden = nullptr;  // F32 [n_embd, n_rows], when it ends before the last layer
+    std::vector<std::pair<int, ggml_tensor *>> acts;  // (layer, F32 [n_ff, n_rows]): FFN activations
 };
 
 struct GraphSpec {
     const Batch *batch;
-    size_t begin, end;       // batch rows of this graph
-    const Prune *prune;      // keep_rows relative to `begin` (only for a single-graph batch)
-    const std::vector<FfnNeurons> *ffn_neurons;
+    size_t begin, end;                 // batch rows of this graph
+    int layer_begin = 0, layer_end = 0;  // layers run; rows enter layer_begin as tokens or embeddings
+    const std::vector<uint8_t> *collect_acts = nullptr;  // per layer: output its FFN activations
+    const CompactFfn *compact = nullptr;                 // core-neuron FFN weights (decode)
 };
 
-// Builds the forward graph into ctx; fills `in` and returns the logits tensor [n_vocab, n_out].
-ggml_tensor *build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &model, KVCache &cache,
+// Builds the forward graph over layers [layer_begin, layer_end) into ctx; fills `in`.
+GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &model, KVCache &cache,
                            const GraphSpec &spec, GraphInputs &in);
 
 }  // namespace cmx

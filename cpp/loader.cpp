@@ -183,7 +183,7 @@ struct TensorCheck {
 
 // The CPU backend's extra buffer types (weight repacking). A weight goes there when the device
 // says its matmul is supported from that buffer type, the same test llama.cpp applies.
-bool matmul_supported_from(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, ggml_tensor *w) {
+bool matmul_supported_from(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, const ggml_tensor *w) {
     ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, true};
     ggml_context *ctx = ggml_init(ip);
     ggml_tensor *wc = ggml_new_tensor(ctx, w->type, GGML_MAX_DIMS, w->ne);
@@ -226,6 +226,18 @@ void Model::set_n_threads(int n) {
         auto fn = (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
         if (fn) fn(b, n);
     }
+}
+
+const uint8_t *Model::file_bytes(const ggml_tensor *t) const {
+    int64_t id = gguf_find_tensor(gguf, ggml_get_name(t));
+    if (id < 0) throw std::invalid_argument(std::string("no tensor '") + ggml_get_name(t) + "' in the file");
+    return (const uint8_t *)mapping + data_offset + gguf_get_tensor_offset(gguf, id);
+}
+
+ggml_backend_buffer_type_t Model::matrix_buffer_type(const ggml_tensor *like) const {
+    for (auto buft : extra_bufts)
+        if (matmul_supported_from(device, buft, like)) return buft;
+    return ggml_backend_dev_buffer_type(device);
 }
 
 size_t Model::weight_bytes() const {
@@ -314,15 +326,14 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
     if (addr == MAP_FAILED) throw load_error("cannot map " + path + ": " + strerror(errno));
     model->mapping = addr;
     model->mapping_size = file_size;
-    auto file_ptr = [&](ggml_tensor *t) {
-        int64_t id = gguf_find_tensor(model->gguf, ggml_get_name(t));
-        return (char *)addr + tc.data_offset + gguf_get_tensor_offset(model->gguf, id);
-    };
+    model->data_offset = tc.data_offset;
+    auto file_ptr = [&](ggml_tensor *t) { return (void *)model->file_bytes(t); };
 
     // Decide each tensor's home: a repacking buffer type (CPU only), the mapping, or a copy.
     ggml_backend_dev_props props;
     ggml_backend_dev_get_props(model->device, &props);
-    std::vector<ggml_backend_buffer_type_t> extra = model->device == cpu_dev ? cpu_extra_bufts(cpu_dev) : std::vector<ggml_backend_buffer_type_t>{};
+    if (model->device == cpu_dev) model->extra_bufts = cpu_extra_bufts(cpu_dev);
+    const auto &extra = model->extra_bufts;
     std::vector<std::pair<ggml_backend_buffer_type_t, std::vector<ggml_tensor *>>> copied;
     std::vector<ggml_tensor *> mapped;
     for (ggml_tensor *t : used) {

@@ -99,6 +99,15 @@ struct Model {
 
     void set_n_threads(int n);
     size_t weight_bytes() const;
+
+    // The tensor's bytes as stored in the file (the graph's copy may be repacked).
+    const uint8_t *file_bytes(const ggml_tensor *t) const;
+    // Where a new matrix shaped like `like` should live so matmuls read it as fast as the file's
+    // weights (a repacking buffer type on the CPU when the backend offers one).
+    ggml_backend_buffer_type_t matrix_buffer_type(const ggml_tensor *like) const;
+
+    size_t data_offset = 0;                                     // of the tensor data in the file
+    std::vector<ggml_backend_buffer_type_t> extra_bufts;        // the CPU backend's repacking types
 };
 
 struct LoadParams {

@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 _ENGINE_NAMES = ("Model", "ModelLoadError", "ImageError", "VisionModelError")
 
+from .sparsity import Sparsity  # noqa: E402  (pure Python)
+
 
 # The engine (cmx.Model) needs the compiled extension; it is imported lazily so that pure-Python
 # parts (scene generator, exporter) import without it.

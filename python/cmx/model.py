@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -13,10 +14,19 @@ from .chat import ChatTemplate, EmbeddingCache, common_prefix, flatten_messages,
 from .defaults import default_mmproj, default_text_model
 from .images import ImageError
 from .sampling import check_sampling_params, sample
+from .sparsity import Sparsity
 from .vision import ImageChunk, VisionEncoder, VisionModelError
 from .vocab import Vocab
 
-__all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError"]
+__all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError", "Sparsity"]
+
+_MODEL_DEFAULT = object()  # a call's sparsity= when not given: the Model's own setting
+
+
+def _check_sparsity(sparsity) -> Sparsity | None:
+    if sparsity is not None and not isinstance(sparsity, Sparsity):
+        raise ValueError(f"sparsity must be a cmx.Sparsity or None (dense), got {type(sparsity).__name__}")
+    return sparsity
 
 set_ggml_log_level(_lib.ggml_log_level())
 
@@ -35,6 +45,10 @@ class Model:
     >>> m = cmx.Model()
     >>> m.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "scene.png"}},
     ...                                      {"type": "text", "text": "What colour is the star?"}]}])
+
+    sparsity: CoreMatching settings for every call (a cmx.Sparsity), or None for the dense engine
+    (bit-identical to llama.cpp); chat and generate take a per-call sparsity= too. After each call
+    `last_stats` says what happened (kept image tokens, core neurons, timings).
     """
 
     def __init__(
@@ -44,6 +58,7 @@ class Model:
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_batch: int = 512,
+        sparsity: Sparsity | None = None,
     ):
         if path is None:
             path = default_text_model()
@@ -55,6 +70,7 @@ class Model:
         _positive_int("n_batch", n_batch)
         if n_threads is not None:
             _positive_int("n_threads", n_threads)
+        self.sparsity = _check_sparsity(sparsity)
         self.path = path
         self._engine = Engine(path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads or 0)
         self._vocab = Vocab(path)
@@ -70,7 +86,11 @@ class Model:
             self._vocab.chat_template, self._vocab.detokenize([self._vocab.bos]), self._vocab.detokenize([self._vocab.eos])
         )
         self._cached: list = []  # what the KV cache holds: token ids and (image digest, row) pairs
+        self._exact = 0  # how many of them a dense-FFN evaluation cached (tokens decoded sparsely are not)
         self._image_embd = EmbeddingCache()
+        self.last_stats: dict = {}
+        if self.sparsity is not None:
+            self.sparsity.resolved(self.info["n_layer"])  # fail now, not at the first call
 
     # ---- metadata
     @property
@@ -118,9 +138,33 @@ class Model:
 
     # ---- evaluation
     def reset(self) -> None:
-        """Forget the conversation (empties the KV cache)."""
+        """Forget the conversation (empties the KV cache; decoding goes dense until a prefill)."""
         self._engine.clear()
+        self._engine.set_ffn_neurons([])
         self._cached = []
+        self._exact = 0
+
+    def _resolve_sparsity(self, sparsity) -> Sparsity | None:
+        return self.sparsity if sparsity is _MODEL_DEFAULT else _check_sparsity(sparsity)
+
+    def _prefill(self, rows: np.ndarray, embd, start: int, images: list, anchor_row: int, sparsity: Sparsity | None) -> np.ndarray:
+        """Evaluates rows (token ids, -1 for embedding rows) at positions start.. on top of the
+        cache with CoreMatching or dense, records last_stats, and returns the last row's logits.
+        images: (first row, n_rows) of each image among the rows."""
+        n = len(rows)
+        sp = sparsity.to_core(self.info["n_layer"]) if sparsity is not None else None
+        t0 = time.perf_counter()
+        r = self._engine.prefill(rows, np.arange(start, start + n, dtype=np.int32), np.array([n - 1], np.int32), embd,
+                                 images=[(first, count, []) for first, count in images], anchor_row=anchor_row, sparsity=sp)
+        self.last_stats.update(
+            prefill_ms=(time.perf_counter() - t0) * 1e3,
+            n_prompt=n,
+            image_tokens=[count for _, count in images],
+            kept_image_tokens=[list(k) for k in r["kept"]],
+            core_neurons=list(r["core_neurons"]),
+            select_ms=r["select_ms"], stats_ms=r["stats_ms"], compact_ms=r["compact_ms"],
+        )
+        return r["logits"][-1]
 
     def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         arr = np.asarray(list(tokens), dtype=np.int64)
@@ -154,25 +198,54 @@ class Model:
         self.reset()
         logits = self._eval(arr, None, 0, all_logits=True)
         self._cached = arr.tolist()
+        self._exact = len(self._cached)
         return logits
 
     def generate(
         self,
-        tokens: Sequence[int],
+        prompt: Sequence,
         max_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
+        sparsity=_MODEL_DEFAULT,
     ) -> Iterator[int]:
         """Token ids continuing a fresh sequence; stops at an end-of-generation token (not yielded),
-        at max_tokens, or at n_ctx. Greedy when temperature is 0."""
-        arr = self._check_tokens(tokens)
+        at max_tokens, or at n_ctx. Greedy when temperature is 0.
+
+        prompt: token ids, and 2-D float arrays [n, n_embd] of image embeddings where images stand
+        (each array is one image for CoreMatching). The anchor score's token is the last one."""
+        rows, embd, images = self._prompt_rows(prompt)
         self._check_generation(max_tokens, temperature, top_k, top_p)
+        sparsity = self._resolve_sparsity(sparsity)
         self.reset()
-        logits = self._eval(arr, None, 0)[-1]
-        self._cached = arr.tolist()
+        self.last_stats = {"encode_ms": 0.0}
+        logits = self._prefill(rows, embd, 0, images, len(rows) - 1, sparsity)
+        self._cached = [int(t) if t >= 0 else ("embd", i) for i, t in enumerate(rows)]
+        self._exact = len(self._cached)
         return self._decode_loop(logits, max_tokens, temperature, top_k, top_p, seed)
+
+    def _prompt_rows(self, prompt) -> tuple[np.ndarray, np.ndarray | None, list]:
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+            raise ValueError("the prompt must be a non-empty sequence of token ids and image embedding arrays")
+        rows, parts, images = [], [], []
+        for item in prompt:
+            if isinstance(item, np.ndarray) and item.ndim == 2:
+                if item.shape[1] != self.info["n_embd"] or item.shape[0] == 0:
+                    raise ValueError(f"image embeddings must have shape (n, n_embd={self.info['n_embd']}), got {item.shape}")
+                images.append((len(rows), item.shape[0]))
+                rows.extend([-1] * item.shape[0])
+                parts.append(np.asarray(item, np.float32))
+            else:
+                rows.append(item)
+        token_rows = [t for t in rows if t != -1] or [0]
+        self._check_tokens(token_rows)
+        if len(rows) > self.n_ctx:
+            raise ValueError(f"prompt too long: {len(rows)} tokens exceed n_ctx={self.n_ctx}")
+        return np.asarray(rows, np.int32), (np.concatenate(parts) if parts else None), images
 
     @staticmethod
     def _check_generation(max_tokens, temperature, top_k, top_p) -> None:
@@ -183,16 +256,24 @@ class Model:
     def _decode_loop(self, logits, max_tokens, temperature, top_k, top_p, seed) -> Iterator[int]:
         rng = np.random.default_rng(seed)
         zero = np.zeros(1, np.int32)
+        sparse = any(self._engine.ffn_neurons())  # tokens decoded with core neurons are not exact
+        stats = self.last_stats
+        stats.update(n_decoded=0, decode_ms=0.0)
         for _ in range(max_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)
             if self._vocab.is_eog(token):
                 return
             yield token
+            stats["n_decoded"] += 1
             n_past = len(self._cached)
             if n_past >= self.n_ctx:
                 return
+            t0 = time.perf_counter()
             logits = self._engine.decode(np.array([token], np.int32), np.array([n_past], np.int32), zero)[0]
+            stats["decode_ms"] += (time.perf_counter() - t0) * 1e3
             self._cached.append(token)
+            if not sparse and self._exact == n_past:
+                self._exact += 1
 
     # ---- chat
     def chat(
@@ -204,22 +285,34 @@ class Model:
         top_p: float = 0.95,
         seed: int | None = None,
         stream: bool = False,
+        sparsity=_MODEL_DEFAULT,
     ):
         """Answers the conversation `messages` (OpenAI / llama-cpp-python shape) with the model's
         chat template. Returns the answer text, or with stream=True an iterator of text pieces.
 
         The KV cache is kept between calls: when the next call's messages extend this one's, only
-        the new part is evaluated and images already in the cache are not encoded again."""
+        the new part is evaluated and images already in the cache are not encoded again (nor
+        pruned again: an image keeps the tokens CoreMatching chose when it entered the cache)."""
         self._check_generation(max_tokens, temperature, top_k, top_p)
-        logits = self._prefill_chat(messages)
+        logits = self._prefill_chat(messages, self._resolve_sparsity(sparsity))
         tokens = self._decode_loop(logits, max_tokens, temperature, top_k, top_p, seed)
         pieces = stream_text(tokens, self._vocab.detokenize)
         return pieces if stream else "".join(pieces)
 
-    def _prefill_chat(self, messages) -> np.ndarray:
+    def _anchor_offset(self, flat: list[dict]) -> int:
+        """Tokens from the start of the answer turn's header to the end of the prompt (the anchor
+        score's token is the header's first), from the template's own generation prompt."""
+        with_header = self._template.render(flat, add_generation_prompt=True)
+        without = self._template.render(flat, add_generation_prompt=False)
+        if with_header.startswith(without) and len(with_header) > len(without):
+            return max(1, len(self._vocab.tokenize(with_header[len(without):], add_special=False)))
+        return 1
+
+    def _prefill_chat(self, messages, sparsity: Sparsity | None) -> np.ndarray:
         flat, sources = flatten_messages(messages, self._vision.marker if self._vision else None)
         images = load_images(sources)
         text = self._template.render(flat)
+        self.last_stats = {"encode_ms": 0.0}
         if self._vision:
             prompt = self._vision.tokenize(text, images)
             chunks = prompt.chunks
@@ -240,29 +333,36 @@ class Model:
             if len(items) >= self.n_ctx:
                 raise ValueError(f"prompt too long: {len(items)} tokens (images included) leave no room in n_ctx={self.n_ctx}")
 
-            keep = common_prefix(self._cached, items)
+            keep = common_prefix(self._cached[: self._exact], items)
             keep = min(keep, len(items) - 1)  # the last item is evaluated again for its logits
             self._engine.truncate(keep)
             self._cached = self._cached[:keep]
+            self._exact = keep
 
             rows = np.array([t if isinstance(t, int) else -1 for t in items[keep:]], np.int32)
-            embd_parts = []
+            embd_parts, new_images = [], []
             for first, chunk in spans:
                 lo, hi = max(first, keep), first + chunk.n_tokens
                 if lo >= hi:
                     continue  # already cached
                 embd = self._image_embd.get(chunk.image.digest)
                 if embd is None:
+                    t0 = time.perf_counter()
                     embd = self._vision.encode(chunk)
+                    self.last_stats["encode_ms"] += (time.perf_counter() - t0) * 1e3
                     self._image_embd.put(chunk.image.digest, embd)
                 embd_parts.append(embd[lo - first : hi - first])
+                if lo == first:  # a whole new image: CoreMatching prunes it
+                    new_images.append((first - keep, chunk.n_tokens))
             embd = np.concatenate(embd_parts).astype(np.float32) if embd_parts else None
+            anchor_row = max(0, len(items) - self._anchor_offset(flat) - keep)
             try:
-                logits = self._eval(rows, embd, keep)[-1]
+                logits = self._prefill(rows, embd, keep, new_images, anchor_row, sparsity)
             except BaseException:
                 self.reset()  # the cache may hold part of the prompt: start clean next time
                 raise
             self._cached = list(items)
+            self._exact = len(items)
             return logits
         finally:
             if prompt is not None:

@@ -1,0 +1,273 @@
+// CoreMatching's host-side parts (definitions: docs/corematching.md).
+#include "sparsity.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "ggml-alloc.h"
+
+namespace cmx {
+
+namespace {
+
+// Runs fn(i) for i in [0, n) on up to n_threads threads.
+template <class Fn>
+void parallel_for(int64_t n, int n_threads, Fn fn) {
+    n_threads = (int)std::max<int64_t>(1, std::min<int64_t>(n_threads, n));
+    if (n_threads == 1) {
+        for (int64_t i = 0; i < n; ++i) fn(i);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < n_threads; ++t)
+        pool.emplace_back([&] {
+            for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i);
+        });
+    for (auto &th : pool) th.join();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- statistics
+
+void NeuronStats::truncate(size_t n) {
+    if (n >= n_active.size()) return;
+    n_active.resize(n);
+    ranked.resize(n * (size_t)kmax);
+}
+
+void NeuronStats::append_none(size_t n) {
+    n_active.insert(n_active.end(), n, -1);
+    ranked.insert(ranked.end(), n * (size_t)kmax, 0);
+}
+
+void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho_, int n_threads) {
+    if (n_ff > 65536) throw std::invalid_argument("core neurons need n_ff <= 65536");
+    const int new_kmax = (int)std::floor(rho_ * (double)n_ff);
+    if (rho_ != rho || new_kmax != kmax) {
+        // statistics of another rho rank a different number of neurons: forget them
+        const size_t n_old = n_active.size();
+        rho = rho_;
+        kmax = new_kmax;
+        n_active.assign(n_old, -1);
+        ranked.assign(n_old * (size_t)kmax, 0);
+    }
+    const size_t base = n_active.size();
+    n_active.resize(base + n_tokens);
+    ranked.resize((base + n_tokens) * (size_t)kmax);
+    parallel_for(n_tokens, n_threads, [&](int64_t j) {
+        const float *a = acts + j * n_ff;
+        std::vector<float> v(a, a + n_ff);
+        int32_t active = 0;
+        for (float &x : v) {
+            active += x > 0.0f;
+            if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();  // keeps the order strict
+        }
+        n_active[base + j] = active;
+        std::vector<int32_t> idx(n_ff);
+        std::iota(idx.begin(), idx.end(), 0);
+        auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
+        std::nth_element(idx.begin(), idx.begin() + kmax, idx.end(), before);
+        std::sort(idx.begin(), idx.begin() + kmax, before);
+        uint16_t *out = ranked.data() + (base + j) * (size_t)kmax;
+        for (int i = 0; i < kmax; ++i) out[i] = (uint16_t)idx[i];
+    });
+}
+
+std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
+    int64_t n_tokens = 0;
+    double total_active = 0.0;
+    for (int32_t n : stats.n_active)
+        if (n >= 0) {
+            ++n_tokens;
+            total_active += n;
+        }
+    if (n_tokens == 0) return {};
+    // one count k for every token: rho times the mean activated count (CoreInfer)
+    const int64_t k = std::min<int64_t>(stats.kmax, (int64_t)std::floor(stats.rho * total_active / (double)n_tokens));
+    std::vector<int64_t> freq(n_ff, 0);
+    for (size_t t = 0; t < stats.n_active.size(); ++t) {
+        if (stats.n_active[t] < 0) continue;
+        const uint16_t *r = stats.ranked.data() + t * (size_t)stats.kmax;
+        for (int64_t i = 0; i < k; ++i) ++freq[r[i]];
+    }
+    int64_t n_core = (int64_t)std::floor(beta * (double)n_ff);
+    n_core = std::min<int64_t>(n_ff, (n_core + block - 1) / block * block);
+    std::vector<int32_t> idx(n_ff);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int32_t x, int32_t y) { return freq[x] > freq[y]; });
+    idx.resize(n_core);
+    std::sort(idx.begin(), idx.end());
+    return idx;
+}
+
+// ---------------------------------------------------------------- core tokens
+
+int64_t elbow_count(const std::vector<double> &s) {
+    const int64_t M = (int64_t)s.size();
+    if (M == 0) return 0;
+    // distance of (j, s_j) from the line through the first and last points, up to a constant
+    const double rise = s[M - 1] - s[0], run = (double)(M - 1);
+    int64_t best = 0;
+    double best_d = -1.0;
+    for (int64_t j = 0; j < M; ++j) {
+        double d = std::fabs(rise * (double)j - run * (s[j] - s[0]));
+        if (d > best_d) best_d = d, best = j;
+    }
+    int64_t n = 0;
+    while (n < M && s[n] > s[best]) ++n;
+    return n;
+}
+
+std::vector<int32_t> select_tokens(const std::vector<double> &scores, int budget, double min_keep, double max_keep) {
+    const int64_t M = (int64_t)scores.size();
+    if (M == 0) return {};
+    std::vector<int32_t> order(M);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return scores[x] > scores[y]; });
+    int64_t n;
+    if (budget > 0) {
+        n = std::min<int64_t>(budget, M);
+    } else {
+        std::vector<double> sorted(M);
+        for (int64_t i = 0; i < M; ++i) sorted[i] = scores[order[i]];
+        n = elbow_count(sorted);
+        n = std::max<int64_t>(n, (int64_t)std::ceil(min_keep * (double)M));
+        n = std::min<int64_t>(n, (int64_t)std::floor(max_keep * (double)M));
+        n = std::min<int64_t>(std::max<int64_t>(n, 1), M);
+    }
+    std::vector<int32_t> kept(order.begin(), order.begin() + n);
+    std::sort(kept.begin(), kept.end());
+    return kept;
+}
+
+int64_t count_active_in(const float *acts, const std::vector<uint8_t> &mask) {
+    int64_t n = 0;
+    for (size_t i = 0; i < mask.size(); ++i) n += mask[i] && acts[i] > 0.0f;
+    return n;
+}
+
+// ---------------------------------------------------------------- compact FFN weights
+
+void CompactFfn::clear() {
+    for (auto b : buffers_) ggml_backend_buffer_free(b);
+    buffers_.clear();
+    if (ctx_) ggml_free(ctx_);
+    ctx_ = nullptr;
+    layers_.clear();
+    ++version_;
+}
+
+size_t CompactFfn::bytes() const {
+    size_t n = 0;
+    for (auto b : buffers_) n += ggml_backend_buffer_get_size(b);
+    return n;
+}
+
+void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t>> &neurons, int n_threads) {
+    const HParams &hp = model.hp;
+    if ((int)neurons.size() > hp.n_layer) throw std::invalid_argument("more neuron sets than layers");
+    for (size_t il = 0; il < neurons.size(); ++il) {
+        const auto &set = neurons[il];
+        for (size_t i = 0; i < set.size(); ++i)
+            if (set[i] < 0 || set[i] >= hp.n_ff || (i && set[i] <= set[i - 1]))
+                throw std::invalid_argument("neuron indices must be ascending and in [0, n_ff)");
+        const ggml_tensor *down = model.layers[il].ffn_down;
+        if (!set.empty() && (int64_t)set.size() < hp.n_ff && (int64_t)set.size() % ggml_blck_size(down->type) != 0)
+            throw std::invalid_argument("layer " + std::to_string(il) + ": the neuron count must be a multiple of " +
+                                        std::to_string(ggml_blck_size(down->type)) + ", the block of its ffn_down type " +
+                                        ggml_type_name(down->type));
+        if (ggml_quantize_requires_imatrix(down->type))
+            throw std::invalid_argument(std::string("core neurons are not supported for ffn_down of type ") + ggml_type_name(down->type));
+    }
+    clear();
+    layers_.resize(neurons.size());
+    std::vector<int> sparse;
+    for (size_t il = 0; il < neurons.size(); ++il)
+        if (!neurons[il].empty() && (int64_t)neurons[il].size() < hp.n_ff) sparse.push_back((int)il);
+    if (sparse.empty()) return;
+
+    ggml_init_params ip = {ggml_tensor_overhead() * 3 * sparse.size() + 1024, nullptr, true};
+    ctx_ = ggml_init(ip);
+    std::vector<std::pair<ggml_backend_buffer_type_t, std::vector<ggml_tensor *>>> by_type;
+    auto place = [&](ggml_tensor *t) {
+        ggml_backend_buffer_type_t buft = model.matrix_buffer_type(t);
+        auto it = std::find_if(by_type.begin(), by_type.end(), [&](auto &p) { return p.first == buft; });
+        if (it == by_type.end()) by_type.push_back({buft, {t}});
+        else it->second.push_back(t);
+    };
+    for (int il : sparse) {
+        const cmx::Layer &w = model.layers[il];
+        Layer &c = layers_[il];
+        const int64_t k = (int64_t)neurons[il].size();
+        c.neurons = neurons[il];
+        c.gate = ggml_new_tensor_2d(ctx_, w.ffn_gate->type, hp.n_embd, k);  // [n_embd, k]
+        c.up = ggml_new_tensor_2d(ctx_, w.ffn_up->type, hp.n_embd, k);      // [n_embd, k]
+        c.down = ggml_new_tensor_2d(ctx_, w.ffn_down->type, k, hp.n_embd);  // [k, n_embd]
+        ggml_format_name(c.gate, "core_gate_l%d", il);
+        ggml_format_name(c.up, "core_up_l%d", il);
+        ggml_format_name(c.down, "core_down_l%d", il);
+        place(c.gate);
+        place(c.up);
+        place(c.down);
+    }
+    for (auto &[buft, tensors] : by_type) {
+        size_t align = ggml_backend_buft_get_alignment(buft), total = 0;
+        for (ggml_tensor *t : tensors) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, total);
+        if (!buf) {
+            clear();
+            throw std::runtime_error("out of memory allocating " + std::to_string(total) + " bytes of core-neuron weights");
+        }
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        buffers_.push_back(buf);
+        ggml_tallocr talloc = ggml_tallocr_new(buf);
+        for (ggml_tensor *t : tensors)
+            if (ggml_tallocr_alloc(&talloc, t) != GGML_STATUS_SUCCESS) {
+                clear();
+                throw std::runtime_error("cannot allocate core-neuron weights");
+            }
+    }
+
+    // Fill them: a layer per task (the source bytes are the file's, never a repacked copy).
+    parallel_for((int64_t)sparse.size(), n_threads, [&](int64_t si) {
+        const int il = sparse[si];
+        const cmx::Layer &w = model.layers[il];
+        const Layer &c = layers_[il];
+        const auto &rows = c.neurons;
+        const int64_t k = (int64_t)rows.size();
+        std::vector<uint8_t> bytes;
+        for (auto [dst, src] : {std::pair{c.gate, w.ffn_gate}, std::pair{c.up, w.ffn_up}}) {
+            const size_t row = ggml_row_size(src->type, hp.n_embd);  // neuron i = row i, contiguous
+            const uint8_t *base = model.file_bytes(src);
+            bytes.resize(row * k);
+            for (int64_t i = 0; i < k; ++i) std::copy_n(base + row * rows[i], row, bytes.data() + row * i);
+            ggml_backend_tensor_set(dst, bytes.data(), 0, bytes.size());
+        }
+        // down: neuron i is element i of each of the n_embd rows
+        const ggml_type type = w.ffn_down->type;
+        const size_t src_row = ggml_row_size(type, hp.n_ff);
+        const uint8_t *base = model.file_bytes(w.ffn_down);
+        const auto *traits = ggml_get_type_traits(type);
+        std::vector<float> full(hp.n_ff), gathered((size_t)k * hp.n_embd);
+        for (int64_t e = 0; e < hp.n_embd; ++e) {
+            const uint8_t *src = base + src_row * e;
+            if (type == GGML_TYPE_F32) std::copy_n((const float *)src, hp.n_ff, full.data());
+            else traits->to_float(src, full.data(), hp.n_ff);
+            float *g = gathered.data() + (size_t)e * k;
+            for (int64_t i = 0; i < k; ++i) g[i] = full[rows[i]];
+        }
+        bytes.resize(ggml_row_size(type, k) * hp.n_embd);
+        ggml_quantize_chunk(type, gathered.data(), bytes.data(), 0, hp.n_embd, k, nullptr);
+        ggml_backend_tensor_set(c.down, bytes.data(), 0, bytes.size());
+    });
+}
+
+}  // namespace cmx

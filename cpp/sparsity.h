@@ -1,0 +1,86 @@
+// CoreMatching's host-side parts: per-token neuron statistics, core neurons, core-token scores and
+// the elbow, and the compact FFN weights that decode steps read. The exact definitions are in
+// docs/corematching.md; cmx.reference implements the same in PyTorch.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model.h"
+
+namespace cmx {
+
+enum class TokenScore { anchor, paper };
+
+struct SparsityParams {
+    bool tokens = true;    // prune image tokens after prune_layer
+    bool neurons = true;   // decode FFNs read only core neurons
+    double rho = 0.2;      // token-wise core neurons: this share of the mean activated count
+    double beta = 0.4;     // sentence-wise core neurons: this share of n_ff (rounded up to a block)
+    int prune_layer = 2;   // K: layers <= K see every token
+    TokenScore score = TokenScore::anchor;
+    int budget = 0;        // > 0: keep this many tokens per image instead of the elbow's count
+    double min_keep = 0.0, max_keep = 1.0;  // bounds on the elbow's kept fraction
+    std::vector<int> dense_layers;          // layers whose decode FFN stays dense
+};
+
+// One layer's per-token neuron statistics, row for row with its KV cache (LayerCache::pos).
+struct NeuronStats {
+    double rho = 0.0;
+    int kmax = 0;                   // neurons ranked per token: floor(rho * n_ff)
+    std::vector<uint16_t> ranked;   // [n_tokens * kmax]: each token's top neurons, largest activation first
+    std::vector<int32_t> n_active;  // per token |Gamma(x)|; -1: no statistics (a token generated sparsely)
+
+    size_t size() const { return n_active.size(); }
+    void truncate(size_t n);
+    void append_none(size_t n);
+    // Statistics of n_tokens tokens from their activations, token-major [n_tokens][n_ff].
+    // A different rho than the stored one invalidates the stored tokens.
+    void append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho, int n_threads);
+};
+
+// The layer's core neurons C^beta over every token that has statistics, ascending. Empty when no
+// token has statistics.
+std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block);
+
+// Number of tokens the elbow keeps, from scores sorted in descending order.
+int64_t elbow_count(const std::vector<double> &sorted_desc);
+
+// Kept indices (ascending) of one image's token scores: a fixed budget, or the elbow clamped to
+// [ceil(min_keep*M), floor(max_keep*M)] and to at least 1.
+std::vector<int32_t> select_tokens(const std::vector<double> &scores, int budget, double min_keep, double max_keep);
+
+// |Gamma(x) ∩ S| for a token's activations and a neuron set S given as a mask.
+int64_t count_active_in(const float *acts, const std::vector<uint8_t> &mask);
+
+// Gate/up rows and down columns of the core neurons of each sparse layer, in the file's types:
+// gate/up rows are copied byte for byte; the down matrix is gathered and re-quantized along the
+// neuron axis (its quantization blocks run along that axis). Owns its backend buffer.
+class CompactFfn {
+   public:
+    struct Layer {
+        ggml_tensor *gate = nullptr, *up = nullptr, *down = nullptr;  // [n_embd, k], [n_embd, k], [k, n_embd]
+        std::vector<int32_t> neurons;
+    };
+
+    CompactFfn() = default;
+    ~CompactFfn() { clear(); }
+    CompactFfn(const CompactFfn &) = delete;
+    CompactFfn &operator=(const CompactFfn &) = delete;
+
+    // neurons[il] empty or all of n_ff: layer il stays dense.
+    void build(const Model &model, const std::vector<std::vector<int32_t>> &neurons, int n_threads);
+    void clear();
+    const Layer *layer(int il) const { return il < (int)layers_.size() && layers_[il].gate ? &layers_[il] : nullptr; }
+    bool empty() const { return ctx_ == nullptr; }
+    int64_t version() const { return version_; }
+    size_t bytes() const;
+
+   private:
+    std::vector<Layer> layers_;
+    ggml_context *ctx_ = nullptr;
+    std::vector<ggml_backend_buffer_t> buffers_;
+    int64_t version_ = 0;
+};
+
+}  // namespace cmx
