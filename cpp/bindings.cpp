@@ -95,6 +95,22 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("max_keep", &SparsityParams::max_keep)
         .def_readwrite("dense_layers", &SparsityParams::dense_layers);
 
+    // The selection rules on their own, for tests against cmx.reference.
+    mod.def("select_tokens", &select_tokens, py::arg("scores"), py::arg("budget") = 0, py::arg("min_keep") = 0.0,
+            py::arg("max_keep") = 1.0, "Kept indices (ascending) of one image's scores: a budget, or the clamped elbow.");
+    mod.def("elbow_count", &elbow_count, py::arg("sorted_desc"), "Tokens the elbow keeps, from scores sorted descending.");
+    mod.def(
+        "core_neurons",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> acts, double rho, double beta, int64_t block) {
+            if (acts.ndim() != 2 || acts.shape(0) == 0) throw std::invalid_argument("acts must be [n_tokens, n_ff]");
+            if (!(rho > 0 && rho <= 1) || !(beta > 0 && beta <= 1) || block <= 0) throw std::invalid_argument("need rho, beta in (0, 1] and block > 0");
+            NeuronStats st;
+            st.append(acts.data(), acts.shape(1), acts.shape(0), rho, 1);
+            return core_neurons(st, acts.shape(1), beta, block);
+        },
+        py::arg("acts"), py::arg("rho"), py::arg("beta"), py::arg("block") = 1,
+        "Core neurons (ascending) of tokens' FFN activations [n_tokens, n_ff].");
+
     py::class_<Engine>(mod, "Engine")
         .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu) {
                  if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be > 0, got " + std::to_string(n_ctx));

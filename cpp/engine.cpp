@@ -141,6 +141,10 @@ void check_keep_rows(const std::vector<int32_t> &rows, size_t n, const char *wha
         if (rows[i] < 0 || (size_t)rows[i] >= n || (i && rows[i] <= rows[i - 1]))
             throw std::invalid_argument(std::string(what) + " must be ascending indices in [0, " + std::to_string(n) + ")");
 }
+// Inputs the scheduler left without memory are unused by the graph: nothing to set.
+void set_input(ggml_tensor *t, const void *data) {
+    if (t && t->buffer) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+}
 double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -370,18 +374,18 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
                 order[i] = id >= 0 ? t++ : e++;
             }
         }
-        if (in.tokens) ggml_backend_tensor_set(in.tokens, token_ids.data(), 0, ggml_nbytes(in.tokens));
-        if (in.embd) ggml_backend_tensor_set(in.embd, batch.embd + (size_t)embd_begin * hp.n_embd, 0, ggml_nbytes(in.embd));
-        if (in.row_order) ggml_backend_tensor_set(in.row_order, order.data(), 0, ggml_nbytes(in.row_order));
+        set_input(in.tokens, token_ids.data());
+        set_input(in.embd, batch.embd + (size_t)embd_begin * hp.n_embd);
+        set_input(in.row_order, order.data());
         const int32_t *pos = batch.pos.data() + begin;
-        ggml_backend_tensor_set(in.pos, pos, 0, n_rows * sizeof(int32_t));
-        if (in.out_rows) ggml_backend_tensor_set(in.out_rows, out_rows.data(), 0, ggml_nbytes(in.out_rows));
+        set_input(in.pos, pos);
+        set_input(in.out_rows, out_rows.data());
         for (auto &m : in.masks) {
             // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i
             const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cache_->layers[m.layer].pos.size();
             std::vector<float> mask((size_t)n_kv * n_q, -INFINITY);
             for (int64_t i = 0; i < n_q; ++i) std::fill_n(mask.begin() + i * n_kv, n_past + i + 1, 0.0f);
-            ggml_backend_tensor_set(m.t, mask.data(), 0, ggml_nbytes(m.t));
+            set_input(m.t, mask.data());
         }
         for (auto &sl : in.slots) {
             const int64_t n_q = sl.k->ne[0], n_past = (int64_t)cache_->layers[sl.layer].pos.size(), D = hp.n_embd_kv();
@@ -390,8 +394,8 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
                 k[i] = n_past + i;
                 for (int64_t j = 0; j < D; ++j) v[i * D + j] = j * cache_->n_ctx + n_past + i;  // v is [n_ctx, n_embd_kv]
             }
-            ggml_backend_tensor_set(sl.k, k.data(), 0, ggml_nbytes(sl.k));
-            ggml_backend_tensor_set(sl.v, v.data(), 0, ggml_nbytes(sl.v));
+            set_input(sl.k, k.data());
+            set_input(sl.v, v.data());
         }
 
         if (ggml_backend_sched_graph_compute(sched_, graph_->gf) != GGML_STATUS_SUCCESS) {

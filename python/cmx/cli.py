@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 HELP_REPL = "commands: /image PATH (image for the next question), /clear (new conversation), /quit"
 
@@ -30,7 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--timings", action="store_true", help="print the time of each answer")
+    g = p.add_argument_group("CoreMatching (on by default)")
+    g.add_argument("--dense", action="store_true", help="run the dense model: no token pruning, no core neurons")
+    g.add_argument("--no-token-pruning", action="store_true", help="keep every image token (core neurons only)")
+    g.add_argument("--no-core-neurons", action="store_true", help="dense decode FFNs (token pruning only)")
+    g.add_argument("--rho", type=float, default=0.2, help="token-wise core neuron share (default 0.2)")
+    g.add_argument("--beta", type=float, default=0.4, help="core neurons kept per layer, share of the FFN width (default 0.4)")
+    g.add_argument("--prune-layer", type=int, default=None, help="layer after which image tokens are pruned (default 2)")
+    g.add_argument("--score", choices=("anchor", "paper"), default="anchor", help="how image tokens are scored (default anchor)")
+    g.add_argument("--keep-tokens", type=int, default=None, metavar="K",
+                   help="keep K tokens per image instead of the adaptive count")
+    p.add_argument("--timings", action="store_true", help="print llama.cpp-style timings, kept tokens and core neurons")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's and mtmd's logs")
     return p
 
@@ -50,6 +59,46 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--top-k must be >= 0")
     if a.mmproj and not a.model:
         p.error("--mmproj needs -m/--model (the text model it belongs to)")
+    if a.dense and (a.no_token_pruning or a.no_core_neurons):
+        p.error("--dense already turns CoreMatching off")
+    if a.no_token_pruning and a.no_core_neurons:
+        p.error("--no-token-pruning with --no-core-neurons is --dense")
+
+
+def sparsity_from_args(p: argparse.ArgumentParser, a: argparse.Namespace):
+    import cmx
+
+    if a.dense:
+        return None
+    try:
+        return cmx.Sparsity(tokens=not a.no_token_pruning, neurons=not a.no_core_neurons, rho=a.rho, beta=a.beta,
+                            prune_layer=a.prune_layer, score=a.score, budget=a.keep_tokens)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def print_timings(stats: dict) -> None:
+    """llama.cpp-style lines (llama_perf_context_print), plus what CoreMatching kept."""
+    def line(label, ms, n, unit):
+        per = f" ({ms / n:8.2f} ms per {unit[:-1]}, {1e3 * n / ms:8.2f} {unit} per second)" if n and ms > 0 else ""
+        print(f"{label:>18} = {ms:10.2f} ms / {n:5d} {unit}{per}", file=sys.stderr)
+
+    line("encode time", stats.get("encode_ms", 0.0), len(stats.get("image_tokens", [])), "images")
+    line("prompt eval time", stats.get("prefill_ms", 0.0), stats.get("n_prompt", 0), "tokens")
+    line("eval time", stats.get("decode_ms", 0.0), stats.get("n_eval", 0), "runs")
+    kept = [len(k) for k in stats.get("kept_image_tokens", [])]
+    if stats.get("image_tokens"):
+        print(f"{'kept image tokens':>18} = {sum(kept)} / {sum(stats['image_tokens'])} "
+              f"({', '.join(f'{k}/{n}' for k, n in zip(kept, stats['image_tokens']))} per image)", file=sys.stderr)
+    core = stats.get("core_neurons") or []
+    if core:
+        n_ff = max(core)
+        sparse = [c for c in core if c < n_ff]
+        if sparse:
+            print(f"{'core neurons':>18} = {sum(sparse) / len(sparse):.0f} / {n_ff} per layer in {len(sparse)} of {len(core)} layers",
+                  file=sys.stderr)
+        else:
+            print(f"{'core neurons':>18} = all (dense decode)", file=sys.stderr)
 
 
 def fail(msg: str) -> int:
@@ -71,12 +120,11 @@ class Session:
     def ask(self, text: str, image) -> str:
         """Streams the answer to stdout; Ctrl-C stops it (the partial answer is kept)."""
         self.messages.append(user_message(text, image))
-        pieces, t0, n = [], time.perf_counter(), 0
+        pieces = []
         try:
             for piece in self.model.chat(self.messages, max_tokens=self.args.n_predict, temperature=self.args.temp,
                                          top_k=self.args.top_k, top_p=self.args.top_p, seed=self.args.seed, stream=True):
                 pieces.append(piece)
-                n += 1
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -86,8 +134,7 @@ class Session:
             answer = "".join(pieces)
             self.messages.append({"role": "assistant", "content": answer})
         if self.args.timings:
-            dt = time.perf_counter() - t0
-            print(f"[{n} pieces in {dt:.2f} s]", file=sys.stderr)
+            print_timings(self.model.last_stats)
         return answer
 
 
@@ -138,6 +185,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    sparsity = sparsity_from_args(parser, args)
     if args.verbose:
         os.environ["CMX_VERBOSE"] = "1"
     try:
@@ -147,7 +195,7 @@ def main(argv=None) -> int:
         image = load_image(args.image) if args.image else None
         if args.model and not os.path.exists(args.model):
             return fail(f"model file not found: {args.model}")
-        model = cmx.Model(args.model, mmproj=args.mmproj, n_ctx=args.ctx_size, n_threads=args.threads)
+        model = cmx.Model(args.model, mmproj=args.mmproj, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=sparsity)
         if image is not None and model.vision is None:
             return fail("this model has no vision projector: pass --mmproj")
         session = Session(model, args)

@@ -258,7 +258,7 @@ class Model:
         zero = np.zeros(1, np.int32)
         sparse = any(self._engine.ffn_neurons())  # tokens decoded with core neurons are not exact
         stats = self.last_stats
-        stats.update(n_decoded=0, decode_ms=0.0)
+        stats.update(n_decoded=0, n_eval=0, decode_ms=0.0)
         for _ in range(max_tokens):
             token = sample(logits, temperature, top_k, top_p, rng)
             if self._vocab.is_eog(token):
@@ -271,6 +271,7 @@ class Model:
             t0 = time.perf_counter()
             logits = self._engine.decode(np.array([token], np.int32), np.array([n_past], np.int32), zero)[0]
             stats["decode_ms"] += (time.perf_counter() - t0) * 1e3
+            stats["n_eval"] += 1
             self._cached.append(token)
             if not sparse and self._exact == n_past:
                 self._exact += 1
