@@ -40,12 +40,14 @@ void parallel_for(int64_t n, int n_threads, Fn fn) {
 void NeuronStats::truncate(size_t n) {
     if (n >= n_active.size()) return;
     n_active.resize(n);
-    ranked.resize(n * (size_t)kmax);
+    top.resize(n * (size_t)kmax);
+    top_values.resize(n * (size_t)kmax);
 }
 
 void NeuronStats::append_none(size_t n) {
     n_active.insert(n_active.end(), n, -1);
-    ranked.insert(ranked.end(), n * (size_t)kmax, 0);
+    top.insert(top.end(), n * (size_t)kmax, 0);
+    top_values.insert(top_values.end(), n * (size_t)kmax, 0.0f);
 }
 
 void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho_, int n_threads) {
@@ -57,11 +59,13 @@ void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, doub
         rho = rho_;
         kmax = new_kmax;
         n_active.assign(n_old, -1);
-        ranked.assign(n_old * (size_t)kmax, 0);
+        top.assign(n_old * (size_t)kmax, 0);
+        top_values.assign(n_old * (size_t)kmax, 0.0f);
     }
     const size_t base = n_active.size();
     n_active.resize(base + n_tokens);
-    ranked.resize((base + n_tokens) * (size_t)kmax);
+    top.resize((base + n_tokens) * (size_t)kmax);
+    top_values.resize((base + n_tokens) * (size_t)kmax);
     parallel_for(n_tokens, n_threads, [&](int64_t j) {
         const float *a = acts + j * n_ff;
         std::vector<float> v(a, a + n_ff);
@@ -74,10 +78,11 @@ void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, doub
         std::vector<int32_t> idx(n_ff);
         std::iota(idx.begin(), idx.end(), 0);
         auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
+        // the kmax largest, unordered: the count k <= kmax is known only once the prompt is done
         std::nth_element(idx.begin(), idx.begin() + kmax, idx.end(), before);
-        std::sort(idx.begin(), idx.begin() + kmax, before);
-        uint16_t *out = ranked.data() + (base + j) * (size_t)kmax;
-        for (int i = 0; i < kmax; ++i) out[i] = (uint16_t)idx[i];
+        uint16_t *out = top.data() + (base + j) * (size_t)kmax;
+        float *out_v = top_values.data() + (base + j) * (size_t)kmax;
+        for (int i = 0; i < kmax; ++i) out[i] = (uint16_t)idx[i], out_v[i] = v[idx[i]];
     });
 }
 
@@ -93,10 +98,18 @@ std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double
     // one count k for every token: rho times the mean activated count (CoreInfer)
     const int64_t k = std::min<int64_t>(stats.kmax, (int64_t)std::floor(stats.rho * total_active / (double)n_tokens));
     std::vector<int64_t> freq(n_ff, 0);
+    std::vector<int32_t> order(stats.kmax);
     for (size_t t = 0; t < stats.n_active.size(); ++t) {
         if (stats.n_active[t] < 0) continue;
-        const uint16_t *r = stats.ranked.data() + t * (size_t)stats.kmax;
-        for (int64_t i = 0; i < k; ++i) ++freq[r[i]];
+        const uint16_t *idx = stats.top.data() + t * (size_t)stats.kmax;
+        const float *val = stats.top_values.data() + t * (size_t)stats.kmax;
+        // the token's k largest among its kmax stored (same order: value, then lower index)
+        std::iota(order.begin(), order.end(), 0);
+        if (k < stats.kmax)
+            std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int32_t x, int32_t y) {
+                return val[x] > val[y] || (val[x] == val[y] && idx[x] < idx[y]);
+            });
+        for (int64_t i = 0; i < k; ++i) ++freq[idx[order[i]]];
     }
     int64_t n_core = (int64_t)std::floor(beta * (double)n_ff);
     n_core = std::min<int64_t>(n_ff, (n_core + block - 1) / block * block);

@@ -28,7 +28,8 @@ struct SparsityParams {
 struct NeuronStats {
     double rho = 0.0;
     int kmax = 0;                   // neurons ranked per token: floor(rho * n_ff)
-    std::vector<uint16_t> ranked;   // [n_tokens * kmax]: each token's top neurons, largest activation first
+    std::vector<uint16_t> top;      // [n_tokens * kmax]: each token's kmax largest activations' neurons (any order)
+    std::vector<float> top_values;  // [n_tokens * kmax]: their activations
     std::vector<int32_t> n_active;  // per token |Gamma(x)|; -1: no statistics (a token generated sparsely)
 
     size_t size() const { return n_active.size(); }
