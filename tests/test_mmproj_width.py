@@ -5,6 +5,7 @@
   clip.vision.projection_dim is CLIP's own 768) loads and matches llama-cpp-python, like one in
   the convert_hf_to_gguf.py --mmproj layout (cmx.convert); a pair that does not fit is refused.
 * The CLIP tower's size keys against its tensors, where mtmd would abort the process.
+* The text model's block_count against the blocks stored (cmx's loader, as llama.cpp refuses).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gguf import GGUFReader
 import cmx
 import llama_cpp
 import llava_tiny as lt
+import tiny_models
 from cmx.images import load_image
 from cmx.vision import VisionModelError, inspect_mmproj
 
@@ -454,3 +456,19 @@ def test_tower_keys_llama_cpp_runs(files, tmp_path, keys):
         theirs = enc.encode(lt.test_image())
     assert ours.shape == theirs.shape and ours.shape[0] < 576
     assert np.array_equal(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the text model: block_count against the blocks stored
+
+
+def test_block_count_against_the_stored_blocks(tmp_path):
+    cfg = tiny_models.TinyConfig(n_layer=1)
+    extra = {"blk.1.attn_norm.weight": np.ones(cfg.n_embd, np.float32)}  # a second block the header omits
+    path = tiny_models.write_tiny_gguf(str(tmp_path / "extra-block.gguf"), cfg, "f32", overrides=extra)
+    with pytest.raises(cmx.ModelLoadError, match=r"llama.block_count is 1 but the file has tensor 'blk.1.attn_norm.weight'"):
+        cmx.Model(path)
+    with pytest.raises(ValueError):  # llama.cpp refuses it too ("wrong number of tensors")
+        llama_cpp.Llama(path, verbose=False)
+    ok = tiny_models.write_tiny_gguf(str(tmp_path / "ok.gguf"), cfg, "f32")
+    assert cmx.Model(ok).info["n_layer"] == 1
