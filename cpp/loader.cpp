@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -277,6 +278,20 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
     model->tied_output = model->output == nullptr;
     if (model->tied_output) model->output = model->tok_embd;
     model->rope_freqs = tc.get("rope_freqs.weight", {hp.n_rot / 2}, false);
+
+    // block_count against the blocks the file holds: with fewer blocks declared than stored, the
+    // extra ones would be ignored without a word (llama.cpp refuses such a file: "wrong number of
+    // tensors"); with more, the first missing tensor is reported below.
+    for (int64_t i = 0; i < gguf_get_n_tensors(model->gguf); ++i) {
+        const char *name = gguf_get_tensor_name(model->gguf, i);
+        if (strncmp(name, "blk.", 4) != 0) continue;
+        char *end = nullptr;
+        long il = strtol(name + 4, &end, 10);
+        if (end == name + 4 || *end != '.') continue;
+        if (il >= hp.n_layer)
+            throw load_error(hp.arch_name + ".block_count is " + std::to_string(hp.n_layer) + " but the file has tensor '" +
+                             name + "' of block " + std::to_string(il));
+    }
 
     const bool qkv_bias = hp.arch == Arch::qwen2;
     model->layers.resize(hp.n_layer);

@@ -52,8 +52,12 @@ def build_tiny_llava(
     vision_act: str = "quick_gelu",
     vision_ff: int | None = None,
     image_token_id: int = 0,
+    vision_projection_dim: int | None = None,
 ):
     """Random tiny LLaVA-1.5-layout model in float32, eval mode.
+
+    ``vision_projection_dim`` is CLIP's own ``projection_dim`` (unused by LLaVA; default the
+    vision width), what llama.cpp's legacy converter writes into ``clip.vision.projection_dim``.
 
     Weights are drawn so that every part matters (norm gains/biases away from 1/0, position
     embeddings of the same order as the patch embeddings), which makes the export checks strict.
@@ -81,7 +85,7 @@ def build_tiny_llava(
         image_size=image_size,
         patch_size=patch_size,
         hidden_act=vision_act,
-        projection_dim=vision_hidden,
+        projection_dim=vision_projection_dim or vision_hidden,
         layer_norm_eps=1e-5,
     )
     cfg = LlavaConfig(
@@ -110,6 +114,94 @@ def build_tiny_llava(
                 fan_in = int(np.prod(p.shape[1:]))
                 p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
     return model
+
+
+def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "clip-vision") -> str:
+    """The mmproj llama.cpp's legacy converter makes of this model's vision tower and projector:
+    ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py -m DIR --llava-projector P
+    --clip-model-is-vision`` where DIR holds the CLIP vision tower (its ``config.json`` a
+    CLIPVisionConfig) and P the projector saved by ``llava_surgery.py``. Same keys, values and
+    value types, in the same order; the same tensor names, types and shapes. What it writes:
+
+    * ``clip.vision.projection_dim`` = CLIP's own ``projection_dim`` (not the projector's width);
+    * ``clip.vision.block_count`` = ``num_hidden_layers - 1`` and the weights of that many blocks
+      (the last block is dropped), no ``clip.vision.feature_layer`` key;
+    * ``clip.has_text_encoder`` false, ``clip.has_llava_projector`` true, ``clip.projector_type``
+      "mlp", ``clip.use_gelu`` (hidden_act == "gelu"), default OpenAI CLIP mean/std;
+    * the projector first (``mm.0.*``, ``mm.2.*``: matrices f16, biases f32), then the tower:
+      CLIP's ``mlp.fc1`` under the name ``ffn_down`` and ``fc2`` under ``ffn_up`` (llama.cpp swaps
+      them back on load), 2-D ``*.weight`` and 4-D tensors f16, the rest f32 (all f32 with
+      ``use_f32``, but the patch convolution which stays f16). No post-layernorm.
+    """
+    import gguf
+    import torch
+
+    inner = getattr(model, "model", model)
+    vt, proj = inner.vision_tower, inner.multi_modal_projector
+    v = model.config.vision_config.to_dict()
+    n_layers = v["num_hidden_layers"]
+    f16_default = not use_f32
+
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_llava_projector", True)
+    w.add_file_type(0 if use_f32 else 1)
+    w.add_name(v.get("_name_or_path") or name)
+    w.add_description("image encoder for LLaVA")
+    w.add_string("clip.projector_type", "mlp")
+    w.add_uint32("clip.vision.image_size", v["image_size"])
+    w.add_uint32("clip.vision.patch_size", v["patch_size"])
+    w.add_uint32("clip.vision.embedding_length", v["hidden_size"])
+    w.add_uint32("clip.vision.feed_forward_length", v["intermediate_size"])
+    w.add_uint32("clip.vision.projection_dim", v["projection_dim"])
+    w.add_uint32("clip.vision.attention.head_count", v["num_attention_heads"])
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v["layer_norm_eps"])
+    w.add_uint32("clip.vision.block_count", n_layers - 1)
+    w.add_array("clip.vision.image_mean", list(CLIP_MEAN))
+    w.add_array("clip.vision.image_std", list(CLIP_STD))
+    w.add_bool("clip.use_gelu", v["hidden_act"] == "gelu")
+
+    def arr(t) -> np.ndarray:
+        return t.detach().to(torch.float32).numpy().squeeze()
+
+    # the projector as llava_surgery.py saves it (model.mm_projector.{0,2}.{weight,bias})
+    for i, lin in ((0, proj.linear_1), (2, proj.linear_2)):
+        w.add_tensor(f"mm.{i}.weight", arr(lin.weight).astype(np.float16))
+        w.add_tensor(f"mm.{i}.bias", arr(lin.bias).astype(np.float32))
+
+    vm = getattr(vt, "vision_model", vt)
+    emb = vm.embeddings
+    tower = [
+        ("v.class_embd", emb.class_embedding),
+        ("v.patch_embd.weight", emb.patch_embedding.weight),
+        ("v.position_embd.weight", emb.position_embedding.weight),
+        ("v.pre_ln.weight", vm.pre_layrnorm.weight),
+        ("v.pre_ln.bias", vm.pre_layrnorm.bias),
+    ]
+    for il, layer in enumerate(vm.encoder.layers[: n_layers - 1]):
+        p = f"v.blk.{il}."
+        att = layer.self_attn
+        for short, lin in (("k", att.k_proj), ("v", att.v_proj), ("q", att.q_proj), ("out", att.out_proj)):
+            tower += [(p + f"attn_{short}.weight", lin.weight), (p + f"attn_{short}.bias", lin.bias)]
+        tower += [
+            (p + "ln1.weight", layer.layer_norm1.weight), (p + "ln1.bias", layer.layer_norm1.bias),
+            (p + "ffn_down.weight", layer.mlp.fc1.weight), (p + "ffn_down.bias", layer.mlp.fc1.bias),
+            (p + "ffn_up.weight", layer.mlp.fc2.weight), (p + "ffn_up.bias", layer.mlp.fc2.bias),
+            (p + "ln2.weight", layer.layer_norm2.weight), (p + "ln2.bias", layer.layer_norm2.bias),
+        ]
+    for tname, t in tower:
+        a = arr(t)
+        if a.ndim == 4 or (f16_default and a.ndim == 2 and tname.endswith(".weight")):
+            a = a.astype(np.float16)
+        else:
+            a = a.astype(np.float32)
+        w.add_tensor(tname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
 
 
 def test_image(size: int = 336, seed: int = 0) -> np.ndarray:

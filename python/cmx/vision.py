@@ -56,16 +56,189 @@ class Prompt:
         self.close()
 
 
-def _projection_width(reader: GGUFReader) -> int | None:
-    """Output width of the projector, from the tensors/keys llama.cpp's clip loader reads."""
-    f = reader.fields.get("clip.vision.projection_dim")
-    if f is not None:
-        return int(f.contents())
-    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
-    for name in ("mm.2.weight", "mm.model.fc.weight", "mm.model.mlp.3.weight"):
-        if name in shapes and len(shapes[name]) == 2:
-            return shapes[name][1]  # ggml ne1 = output features
-    return None
+# Where llama.cpp's clip loader finds the output width of each image projector type it knows
+# (clip_n_mmproj_embd in tools/mtmd/clip.cpp, llama-cpp-python 0.3.36): the width is a dimension
+# of one of the projector's own tensors, never a header key (granite4_vision aside, below).
+# Value: (tensor name, ggml dimension ne[i] that is the width).
+_MM2_OUT = ("mm.2.weight", 1)
+_MM2_BIAS = ("mm.2.bias", 0)
+_FC_OUT = ("mm.model.fc.weight", 1)
+_DOWN_OUT = ("mm.down.weight", 1)
+_PROJECTOR_WIDTH = {
+    "mlp": _MM2_OUT,  # LLaVA-1.5; with mm.3.* it is the Yi-style "mlp_norm" (see _projection_width)
+    "ldp": ("mm.model.mb_block.1.block.2.1.bias", 0),
+    "ldpv2": ("mm.model.peg.0.bias", 0),
+    "resampler": ("resampler.proj.weight", 0),
+    "minicpmv4_6": _DOWN_OUT,
+    "adapter": ("adapter.linear.dense_4h_to_h.weight", 1),
+    "qwen2vl_merger": _MM2_BIAS,
+    "qwen2.5vl_merger": _MM2_BIAS,
+    "qwen2.5o": _MM2_BIAS,  # its vision half loads as qwen2.5vl_merger
+    "qwen3vl_merger": _MM2_BIAS,  # times (1 + deepstack layers), see _projection_width
+    "exaone4_5": _MM2_BIAS,
+    "youtuvl": _MM2_BIAS,
+    "ling3vl": _MM2_BIAS,
+    "mimovl": _MM2_OUT,
+    "step3vl": _FC_OUT,
+    "gemma3": ("mm.input_projection.weight", 0),
+    "gemma3nv": ("mm.input_projection.weight", 0),
+    "gemma4v": ("mm.input_projection.weight", 1),
+    "gemma4uv": ("mm.input_projection.weight", 1),
+    "idefics3": _FC_OUT,
+    "llama4": _FC_OUT,
+    "hunyuanvl": _FC_OUT,
+    "deepseekocr": _FC_OUT,
+    "deepseekocr2": _FC_OUT,
+    "internvl": ("mm.model.mlp.3.weight", 1),
+    "nemotron_v2_vl": ("mm.model.mlp.3.weight", 1),
+    "cogvlm": _DOWN_OUT,
+    "glm4v": _DOWN_OUT,
+    "glm5v": _DOWN_OUT,
+    "minimax_m3": ("mm.merger.fc2.bias", 0),
+    "janus_pro": ("mm.1.bias", 0),
+    "phi4": _MM2_OUT,
+    "pixtral": _MM2_OUT,
+    "lightonocr": _MM2_OUT,
+    "dots_ocr": _MM2_OUT,
+    "dots3note_v": _MM2_OUT,
+    "muse-glimmer": _MM2_OUT,
+    "lfm2": _MM2_OUT,
+    "kimivl": _MM2_OUT,
+    "kimik25": _MM2_OUT,
+    "paddleocr": _MM2_OUT,
+    "yasa2": _MM2_OUT,
+    "deepseek4v": _MM2_OUT,
+    "granite4_vision": None,  # one block per feature layer, each clip.vision.projection_dim wide
+}
+# projector types of llama.cpp that encode sound, not images
+_AUDIO_PROJECTORS = {
+    "gemma3na", "gemma4a", "gemma4ua", "ultravox", "qwen2a", "qwen3a", "glma", "voxtral", "meralion",
+    "musicflamingo", "lfm2a", "dots3note_a", "granite_speech", "parakeet", "mimo_audio",
+    "qwen3tts_spkenc", "qwen3tts_gen", "pockettts_spkenc", "pockettts_gen",
+}
+
+
+def _field(reader: GGUFReader, key: str):
+    f = reader.fields.get(key)
+    return f.contents() if f is not None else None
+
+
+def projector_type(reader: GGUFReader) -> str | None:
+    """The image projector's type, read as llama.cpp reads it: ``clip.projector_type``, or
+    ``clip.vision.projector_type`` where that is empty (files holding audio and vision)."""
+    return _field(reader, "clip.projector_type") or _field(reader, "clip.vision.projector_type") or None
+
+
+def _tensor_shapes(reader: GGUFReader) -> dict[str, list[int]]:
+    """name -> shape in ggml order (ne[0] first: for a matrix, ne[0] is the input width)."""
+    return {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+
+
+def _uint_field(reader: GGUFReader, key: str, path: str) -> int | None:
+    value = _field(reader, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise VisionModelError(f"{path}: {key} is {value!r}, not a non-negative integer")
+    return value
+
+
+def _projection_width(reader: GGUFReader, path: str = "mmproj") -> int:
+    """Output width of the image projector, taken from its tensors as llama.cpp does.
+
+    Header keys are not trusted: llama.cpp's legacy converter writes CLIP's own projection_dim
+    (768 for ViT-L/14) into clip.vision.projection_dim, whatever the projector's output is."""
+    ptype = projector_type(reader)
+    if ptype is None:
+        raise VisionModelError(f"{path} has no projector type (clip.projector_type)")
+    if ptype in _AUDIO_PROJECTORS:
+        raise VisionModelError(f"{path} has an audio projector ({ptype!r}), not an image projector")
+    if ptype not in _PROJECTOR_WIDTH:
+        raise VisionModelError(f"{path} has a projector type llama.cpp does not know: {ptype!r}")
+    shapes = _tensor_shapes(reader)
+
+    def dim(name: str, axis: int) -> int:
+        shape = shapes.get(name)
+        if shape is None:
+            raise VisionModelError(f"{path}: a {ptype!r} projector needs the tensor {name!r}, which the file lacks")
+        if axis >= len(shape):
+            raise VisionModelError(f"{path}: tensor {name!r} has shape {shape}, too few dimensions for a {ptype!r} projector")
+        return shape[axis]
+
+    if ptype == "granite4_vision":
+        layers = _field(reader, "clip.vision.feature_layer") or []
+        return len(layers) * (_uint_field(reader, "clip.vision.projection_dim", path) or 0)
+    name, axis = _PROJECTOR_WIDTH[ptype]
+    if ptype == "mlp" and "mm.3.weight" in shapes:
+        name, axis = "mm.3.bias", 0  # Yi-style LLaVA: llama.cpp switches it to "mlp_norm"
+    width = dim(name, axis)
+    if ptype == "qwen3vl_merger":  # the main path plus one per deepstack layer, concatenated
+        n_layer = _uint_field(reader, "clip.vision.block_count", path) or 0
+        width *= 1 + sum(f"v.deepstack.{il}.fc1.weight" in shapes for il in range(n_layer))
+    return width
+
+
+# projector types that mtmd runs on its llava graph: a CLIP/SigLIP ViT (patch convolution, learned
+# position table, blocks with separate q/k/v) in front of the projector
+_LLAVA_GRAPH = {"mlp", "ldp", "ldpv2", "adapter"}
+
+
+def _check_vit_tower(reader: GGUFReader, ptype: str, path: str) -> None:
+    """The tower's header keys against the tensors they describe, for the llava-graph projectors.
+
+    mtmd builds its graph from clip.vision.embedding_length, attention.head_count (head_dim),
+    image_size, patch_size and feature_layer; where the tensors disagree, llama.cpp loads the
+    file and then stops the process with a GGML_ASSERT at the first image. A key that is missing
+    is left to mtmd, which refuses such a file with an error."""
+    keys = {k: _uint_field(reader, f"clip.vision.{k}", path) for k in
+            ("embedding_length", "attention.head_count", "attention.head_dim", "image_size", "patch_size", "block_count")}
+    n_embd, n_head, image_size, patch = (keys[k] for k in ("embedding_length", "attention.head_count", "image_size", "patch_size"))
+    if None in (n_embd, n_head, image_size, patch, keys["block_count"]) or patch == 0:
+        return
+    shapes = _tensor_shapes(reader)
+
+    def tensor(name: str) -> list[int]:
+        if name not in shapes:
+            raise VisionModelError(f"{path}: the vision tower has no tensor {name!r}")
+        return shapes[name] + [1] * (4 - len(shapes[name]))
+
+    def expect(name: str, axis: int, want: int, what: str) -> None:
+        got = tensor(name)[axis]
+        if got != want:
+            raise VisionModelError(f"{path}: {what} is {want} but tensor {name!r} has {got} (ne[{axis}]); "
+                                   f"the header does not describe this file's weights")
+
+    d_head = keys["attention.head_dim"] or (n_embd // n_head if n_head else 0)
+    if n_head == 0 or d_head * n_head == 0 or (not keys["attention.head_dim"] and n_embd % n_head):
+        raise VisionModelError(f"{path}: clip.vision.embedding_length {n_embd} does not split into "
+                               f"clip.vision.attention.head_count {n_head} heads")
+    width = "clip.vision.embedding_length"
+    expect("v.patch_embd.weight", 3, n_embd, width)
+    expect("v.position_embd.weight", 0, n_embd, width)
+    if "v.class_embd" in shapes:
+        expect("v.class_embd", 0, n_embd, width)
+    kernel = tensor("v.patch_embd.weight")[:2]
+    grid = image_size // patch
+    if any(image_size < k or (image_size - k) // patch + 1 != grid for k in kernel):
+        raise VisionModelError(f"{path}: clip.vision.image_size {image_size} and patch_size {patch} do not fit the "
+                               f"{kernel[0]}x{kernel[1]} patch convolution of 'v.patch_embd.weight'")
+    n_pos = grid * grid + ("v.class_embd" in shapes)
+    if tensor("v.position_embd.weight")[1] < n_pos:
+        raise VisionModelError(f"{path}: clip.vision.image_size {image_size} / patch_size {patch} needs {n_pos} positions "
+                               f"but 'v.position_embd.weight' has {tensor('v.position_embd.weight')[1]}")
+    for il in range(keys["block_count"]):
+        for part in ("attn_q", "attn_k", "attn_v"):
+            name = f"v.blk.{il}.{part}.weight"
+            expect(name, 0, n_embd, width)
+            expect(name, 1, d_head * n_head, "attention.head_count x head size")
+        expect(f"v.blk.{il}.attn_out.weight", 0, d_head * n_head, "attention.head_count x head size")
+        expect(f"v.blk.{il}.attn_out.weight", 1, n_embd, width)
+    if ptype == "mlp":
+        # the projector's input: the tower's output, or the outputs of the feature layers side by side
+        layers = _field(reader, "clip.vision.feature_layer") or []
+        n_stacked = len({v for v in layers if isinstance(v, int) and v >= 0})
+        expect("mm.0.weight", 0, n_embd * max(n_stacked, 1),
+               width + (f" x {n_stacked} feature layers" if n_stacked > 1 else ""))
 
 
 def inspect_mmproj(path: str) -> dict:
@@ -83,11 +256,13 @@ def inspect_mmproj(path: str) -> dict:
     has_vision = reader.fields.get("clip.has_vision_encoder")
     if has_vision is not None and not has_vision.contents():
         raise VisionModelError(f"{path} has no vision encoder")
-    ptype = reader.fields.get("clip.projector_type") or reader.fields.get("clip.vision.projector_type")
+    ptype = projector_type(reader)
+    if ptype in _LLAVA_GRAPH:
+        _check_vit_tower(reader, ptype, path)
     return {
-        "projector_type": ptype.contents() if ptype is not None else None,
-        "n_embd": _projection_width(reader),
-        "image_size": int(reader.fields["clip.vision.image_size"].contents()) if "clip.vision.image_size" in reader.fields else None,
+        "projector_type": ptype,
+        "n_embd": _projection_width(reader, path),
+        "image_size": _uint_field(reader, "clip.vision.image_size", path),
     }
 
 
@@ -102,8 +277,6 @@ class VisionEncoder:
         self._ctx = None
         self.path = os.fspath(mmproj_path)
         meta = inspect_mmproj(self.path)
-        if meta["n_embd"] is None:
-            raise VisionModelError(f"{self.path}: cannot determine the projector's output width")
         if meta["n_embd"] != n_embd:
             raise VisionModelError(
                 f"mmproj {os.path.basename(self.path)} projects to {meta['n_embd']} dimensions but the text model "
