@@ -1,9 +1,9 @@
 // cmx engine: the decoder graph over a Model, its KV cache, and evaluation.
 //
 // The layer loop is built for CoreMatching: every layer has its own KV cache length and stores
-// the explicit position of each cached token, so the loop may continue with fewer tokens after
-// any layer (Prune) and later layers and their caches never see the dropped tokens. The FFN
-// builder takes an optional neuron index set (FfnNeurons), the hook for core neurons.
+// the explicit position of each cached token, so a prefill can run layers 0..K over every row,
+// choose the kept rows, and run the later layers over those only (their caches never see the
+// dropped tokens). Decode steps read the compact core-neuron FFN weights when set (sparsity.h).
 #pragma once
 
 #include <cstdint>
