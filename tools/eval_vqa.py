@@ -7,8 +7,11 @@ split. Both engines decode greedily; their agreement is the share of questions w
 normalised answers are equal.
 
     python tools/eval_vqa.py [--n 1000] [--engines cmx,llama_cpp] [--threads 2] [--out results.json]
+    python tools/eval_vqa.py --engines llama_cpp --lora python/cmx/data/cmx-demo-lora.gguf
 
-Without --model/--mmproj it evaluates the embedded default model.
+Without --model/--mmproj it evaluates the embedded default model. --lora applies a LoRA GGUF to
+the text model (llama-cpp-python's lora_path, scale 1); cmx cannot apply adapters yet.
+--split val scores the validation split instead (for choices made before the test).
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ def message(image, question: str, image_part: dict) -> list[dict]:
 class CmxEngine:
     name = "cmx"
 
-    def __init__(self, text, mmproj, threads):
+    def __init__(self, text, mmproj, threads, lora=None):
         import cmx
 
+        if lora:
+            raise SystemExit("--lora: the cmx engine cannot apply LoRA adapters yet (use --engines llama_cpp)")
         self.m = cmx.Model(text, mmproj=mmproj, n_ctx=2048, n_threads=threads)
 
     def answer(self, image, question, max_tokens):
@@ -66,7 +71,7 @@ class LlamaCppEngine:
 
     name = "llama_cpp"
 
-    def __init__(self, text, mmproj, threads):
+    def __init__(self, text, mmproj, threads, lora=None):
         import llama_cpp
         from llama_cpp.llama_chat_format import MTMDChatHandler
 
@@ -77,7 +82,8 @@ class LlamaCppEngine:
                 return flatten_messages(messages, media_marker)[0]
 
         self.llm = llama_cpp.Llama(text, chat_handler=FlatContentMTMDChatHandler(clip_model_path=mmproj, verbose=False, use_gpu=False),
-                                   n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+                                   n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False,
+                                   lora_path=lora)
 
     def answer(self, image, question, max_tokens):
         buf = io.BytesIO()
@@ -93,6 +99,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="text GGUF (default: the embedded default model)")
     ap.add_argument("--mmproj", help="mmproj GGUF (default: the embedded demo projector)")
+    ap.add_argument("--lora", help="LoRA GGUF applied to the text model (llama_cpp engine only)")
+    ap.add_argument("--split", default="test", choices=["test", "val"], help="held-out split (default test)")
     ap.add_argument("--n", type=int, default=1000, help="test questions (default 1000)")
     ap.add_argument("--engines", default="cmx,llama_cpp")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -108,9 +116,9 @@ def main(argv=None) -> int:
     if mmproj is None:
         sys.exit("no mmproj given and no demo projector installed")
     engines = {"cmx": CmxEngine, "llama_cpp": LlamaCppEngine}
-    chosen = [engines[e](text, mmproj, args.threads) for e in args.engines.split(",")]
+    chosen = [engines[e](text, mmproj, args.threads, args.lora) for e in args.engines.split(",")]
 
-    data = examples("test", args.n)
+    data = examples(args.split, args.n)
     majority = majority_answers()
     results = {e.name: [] for e in chosen}
     timing = {}
@@ -130,6 +138,11 @@ def main(argv=None) -> int:
             results[e.name].append(e.answer(image, q, args.max_tokens))
             if (k + 1) % 100 == 0:
                 print(f"[{e.name}] {k + 1}/{len(data)}  {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            if args.out and (k + 1) % 25 == 0:  # partial answers, so that a stopped run still leaves them
+                part = [{"question": q2, "answer": a2, "qtype": t2, e.name: p2}
+                        for (_, q2, a2, t2), p2 in zip(data, results[e.name])]
+                json.dump({"partial": True, "engine": e.name, "seconds": time.perf_counter() - t0, "rows": part},
+                          open(args.out + ".partial", "w"), indent=1)
         timing[e.name] = time.perf_counter() - t0
 
     qtypes = list(scenes.QUESTION_TYPES)
@@ -138,7 +151,8 @@ def main(argv=None) -> int:
         return float(np.mean([scenes.answer_matches(preds[i], data[i][2]) for i in sel])) if sel else float("nan")
     base = [majority[ex[3]] for ex in data]
 
-    print(f"\n{len(data)} test questions, model {os.path.basename(text)} + {os.path.basename(mmproj)}\n")
+    lora_txt = f" + LoRA {os.path.basename(args.lora)}" if args.lora else ""
+    print(f"\n{len(data)} {args.split} questions, model {os.path.basename(text)} + {os.path.basename(mmproj)}{lora_txt}\n")
     header = "| question type | n | majority baseline | " + " | ".join(names) + " |"
     print(header)
     print("|" + "---|" * (3 + len(names)))
@@ -147,7 +161,10 @@ def main(argv=None) -> int:
         row = [qt or "**overall**", str(n), f"{acc(base, [qt] if qt else None):.1%}"]
         row += [f"{acc(results[n], [qt] if qt else None):.1%}" for n in names]
         print("| " + " | ".join(row) + " |")
-    summary = {"n": len(data), "overall": {n: acc(results[n]) for n in names},
+    summary = {"n": len(data), "split": args.split, "model": os.path.basename(text), "mmproj": os.path.basename(mmproj),
+               "lora": os.path.basename(args.lora) if args.lora else None,
+               "by_type": {n: {qt: acc(results[n], [qt]) for qt in qtypes} for n in names},
+               "overall": {n: acc(results[n]) for n in names},
                "majority_baseline": acc(base), "seconds": timing}
     if "cmx" in results and "llama_cpp" in results:
         same = np.mean([scenes.normalize_answer(x) == scenes.normalize_answer(y) for x, y in zip(results["cmx"], results["llama_cpp"])])

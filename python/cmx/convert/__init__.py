@@ -4,10 +4,15 @@ Nothing here imports the compiled cmx engine. Names are loaded lazily so that
 ``python -m cmx.convert.llava`` runs the module once (no runpy double-import warning).
 """
 
-__all__ = ["UnsupportedModelError", "export_llava", "export_mmproj", "export_text_model"]
+__all__ = ["UnsupportedModelError", "export_llava", "export_lora", "export_mmproj", "export_text_model"]
+_LORA = {"export_lora"}
 
 
 def __getattr__(name):
+    if name in _LORA:
+        from . import lora
+
+        return getattr(lora, name)
     if name in __all__:
         from . import llava
 
