@@ -39,6 +39,7 @@ py::dict model_info(const Model &m) {
     d["token_embd_type"] = ggml_type_name_of(m.tok_embd);
     d["device"] = m.device_name;
     d["weight_bytes"] = m.weight_bytes();
+    d["lora"] = m.lora ? py::cast(m.lora->path) : py::none();
     return d;
 }
 
@@ -112,13 +113,16 @@ PYBIND11_MODULE(_core, mod) {
         "Core neurons (ascending) of tokens' FFN activations [n_tokens, n_ff].");
 
     py::class_<Engine>(mod, "Engine")
-        .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu) {
+        .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu, const std::string &lora,
+                         float lora_scale) {
                  if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be > 0, got " + std::to_string(n_ctx));
                  if (n_batch <= 0) throw std::invalid_argument("n_batch must be > 0, got " + std::to_string(n_batch));
                  if (n_threads < 0) throw std::invalid_argument("n_threads must be >= 0 (0: all cores)");
                  LoadParams lp;
                  lp.n_threads = n_threads;
                  lp.use_gpu = use_gpu;
+                 lp.lora_path = lora;
+                 lp.lora_scale = lora_scale;
                  std::shared_ptr<Model> model;
                  {
                      py::gil_scoped_release nogil;
@@ -127,7 +131,7 @@ PYBIND11_MODULE(_core, mod) {
                  return std::make_unique<Engine>(model, EngineParams{n_ctx, n_batch});
              }),
              py::arg("path"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
-             py::arg("use_gpu") = true)
+             py::arg("use_gpu") = true, py::arg("lora") = "", py::arg("lora_scale") = 1.0f)
         .def_property_readonly("info", [](const Engine &e) { return model_info(e.model()); })
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_batch", &Engine::n_batch)

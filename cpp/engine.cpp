@@ -174,6 +174,8 @@ void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> 
         throw std::invalid_argument("prune_layer must be in [0, " + std::to_string(hp.n_layer - 2) + "] (a layer must follow it)");
     for (int l : sp.dense_layers)
         if (l < 0 || l >= hp.n_layer) throw std::invalid_argument("dense layer " + std::to_string(l) + " out of range");
+    if (sp.neurons && model_->lora && model_->lora->adapts_ffn)
+        throw std::invalid_argument("core neurons cannot be used with a LoRA adapter on the FFN: use neurons=False");
     int64_t end = 0;
     for (const ImageSpan &im : images) {
         if (im.n_rows <= 0 || im.first_row < end || im.first_row + (int64_t)im.n_rows > n)

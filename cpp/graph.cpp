@@ -23,10 +23,14 @@ struct Builder {
         return ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.norm_eps), weight);  // [n_embd, n_q]
     }
 
-    ggml_tensor *linear(ggml_tensor *w, ggml_tensor *b, ggml_tensor *x) {
+    // W x (+ the adapter's scale * B (A x), in llama.cpp's order) (+ bias)
+    ggml_tensor *linear(ggml_tensor *w, ggml_tensor *b, ggml_tensor *x, const LoraMatrix *lora = nullptr) {
         ggml_tensor *y = ggml_mul_mat(ctx, w, x);
+        if (lora && *lora) y = ggml_add(ctx, y, ggml_scale(ctx, ggml_mul_mat(ctx, lora->b, ggml_mul_mat(ctx, lora->a, x)), lora->scale));
         return b ? ggml_add(ctx, y, b) : y;
     }
+
+    const LoraLayer *lora(int il) const { return model.lora ? &model.lora->layers[il] : nullptr; }
 
     ggml_tensor *rope(ggml_tensor *x, ggml_tensor *pos) {
         return ggml_rope_ext(ctx, x, pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig, hp.rope_freq_base,
@@ -41,9 +45,10 @@ struct Builder {
         const int64_t n_q = x->ne[1], D = hp.head_dim, n_kv = mask->ne[0];
         const size_t es = ggml_element_size(lc.k);
 
-        ggml_tensor *q = ggml_reshape_3d(ctx, linear(l.wq, l.bq, x), D, hp.n_head, n_q);     // [D, n_head, n_q]
-        ggml_tensor *k = ggml_reshape_3d(ctx, linear(l.wk, l.bk, x), D, hp.n_head_kv, n_q);  // [D, n_head_kv, n_q]
-        ggml_tensor *v = linear(l.wv, l.bv, x);                                                  // [n_embd_kv, n_q]
+        const LoraLayer *ad = lora(il);
+        ggml_tensor *q = ggml_reshape_3d(ctx, linear(l.wq, l.bq, x, ad ? &ad->wq : nullptr), D, hp.n_head, n_q);     // [D, n_head, n_q]
+        ggml_tensor *k = ggml_reshape_3d(ctx, linear(l.wk, l.bk, x, ad ? &ad->wk : nullptr), D, hp.n_head_kv, n_q);  // [D, n_head_kv, n_q]
+        ggml_tensor *v = linear(l.wv, l.bv, x, ad ? &ad->wv : nullptr);                                                  // [n_embd_kv, n_q]
         q = rope(q, pos);
         k = rope(k, pos);
 
@@ -66,17 +71,23 @@ struct Builder {
         ggml_tensor *kqv = ggml_mul_mat(ctx, V, kq);                 // [D, n_q, n_head]
         kqv = ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3));    // [D, n_head, n_q]
         kqv = ggml_reshape_2d(ctx, kqv, hp.n_embd_q(), n_q);        // [n_embd_q, n_q]
-        return linear(l.wo, l.bo, kqv);                              // [n_embd, n_q]
+        return linear(l.wo, l.bo, kqv, ad ? &ad->wo : nullptr);      // [n_embd, n_q]
     }
 
     // SwiGLU FFN, the hook for core neurons: with a compact layer (decode under CoreMatching) it
     // reads only the core neurons' gate/up rows and down columns. `act` receives the activations.
     ggml_tensor *ffn(int il, ggml_tensor *x, const CompactFfn::Layer *core, ggml_tensor **act) {
         const Layer &l = model.layers[il];
-        ggml_tensor *gate = core ? core->gate : l.ffn_gate, *up = core ? core->up : l.ffn_up, *down = core ? core->down : l.ffn_down;
-        ggml_tensor *a = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, gate, x), ggml_mul_mat(ctx, up, x));  // [n_ff or k, n_q]
+        if (core) {  // compact weights (an adapter on the FFN is refused with core neurons)
+            ggml_tensor *a = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, core->gate, x), ggml_mul_mat(ctx, core->up, x));  // [k, n_q]
+            if (act) *act = a;
+            return ggml_mul_mat(ctx, core->down, a);  // [n_embd, n_q]
+        }
+        const LoraLayer *ad = lora(il);
+        ggml_tensor *a = ggml_swiglu_split(ctx, linear(l.ffn_gate, nullptr, x, ad ? &ad->ffn_gate : nullptr),
+                                           linear(l.ffn_up, nullptr, x, ad ? &ad->ffn_up : nullptr));  // [n_ff, n_q]
         if (act) *act = a;
-        return ggml_mul_mat(ctx, down, a);  // [n_embd, n_q]
+        return linear(l.ffn_down, nullptr, a, ad ? &ad->ffn_down : nullptr);  // [n_embd, n_q]
     }
 
     // Cache slots written by this graph; layers with equal cache lengths share them.

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -241,6 +242,106 @@ ggml_backend_buffer_type_t Model::matrix_buffer_type(const ggml_tensor *like) co
     return ggml_backend_dev_buffer_type(device);
 }
 
+LoraAdapter::~LoraAdapter() {
+    if (buffer) ggml_backend_buffer_free(buffer);
+    if (ctx) ggml_free(ctx);
+    if (gguf) gguf_free(gguf);
+}
+
+namespace {
+
+// Loads a LoRA GGUF for `model`, checking that every tensor names a matrix of this model with a
+// fitting shape (an adapter of another model is refused here, not by a ggml assert).
+std::unique_ptr<LoraAdapter> load_lora(const Model &model, const std::string &path, float user_scale) {
+    auto lora = std::make_unique<LoraAdapter>();
+    lora->path = path;
+    lora->user_scale = user_scale;
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) throw load_error("LoRA adapter not found: " + path);
+    const size_t file_size = (size_t)st.st_size;
+    gguf_init_params gp = {/*no_alloc=*/true, &lora->ctx};
+    lora->gguf = gguf_init_from_file(path.c_str(), gp);
+    if (!lora->gguf) throw load_error("not a valid GGUF file: " + path);
+    Meta meta(lora->gguf, "general");
+    if (meta.str("general.type", "") != "adapter" || meta.str("adapter.type", "") != "lora")
+        throw load_error(path + " is not a LoRA adapter (general.type must be 'adapter', adapter.type 'lora')");
+    const std::string arch = meta.str("general.architecture", model.hp.arch_name);
+    if (arch != model.hp.arch_name)
+        throw load_error("the LoRA adapter " + path + " is for a '" + arch + "' model, not '" + model.hp.arch_name + "'");
+    lora->alpha = (float)meta.num("adapter.lora.alpha", 0.0);
+    lora->layers.resize(model.hp.n_layer);
+
+    const size_t data_offset = gguf_get_data_offset(lora->gguf);
+    const int64_t n_tensors = gguf_get_n_tensors(lora->gguf);
+    for (int64_t id = 0; id < n_tensors; ++id) {
+        const std::string name = gguf_get_tensor_name(lora->gguf, id);
+        int il = -1, consumed = 0;
+        char base[64] = {0};
+        if (std::sscanf(name.c_str(), "blk.%d.%63[a-z_].weight.lora_%n", &il, base, &consumed) != 2 || consumed == 0 ||
+            (name.substr(consumed) != "a" && name.substr(consumed) != "b"))
+            throw load_error("LoRA tensor '" + name + "' is not blk.N.<matrix>.weight.lora_a/b");
+        if (il < 0 || il >= model.hp.n_layer)
+            throw load_error("LoRA tensor '" + name + "' is for layer " + std::to_string(il) + " but the model has " +
+                             std::to_string(model.hp.n_layer));
+        const cmx::Layer &w = model.layers[il];
+        LoraLayer &ll = lora->layers[il];
+        const std::string b = base;
+        std::pair<LoraMatrix *, ggml_tensor *> target =
+            b == "attn_q" ? std::pair{&ll.wq, w.wq} : b == "attn_k" ? std::pair{&ll.wk, w.wk} : b == "attn_v" ? std::pair{&ll.wv, w.wv} :
+            b == "attn_output" ? std::pair{&ll.wo, w.wo} : b == "ffn_gate" ? std::pair{&ll.ffn_gate, w.ffn_gate} :
+            b == "ffn_up" ? std::pair{&ll.ffn_up, w.ffn_up} : b == "ffn_down" ? std::pair{&ll.ffn_down, w.ffn_down} :
+            std::pair<LoraMatrix *, ggml_tensor *>{nullptr, nullptr};
+        if (!target.first) throw load_error("LoRA tensor '" + name + "': cmx applies adapters to attention and FFN matrices only");
+        ggml_tensor *t = ggml_get_tensor(lora->ctx, name.c_str());
+        if (!t || ggml_n_dims(t) > 2) throw load_error("LoRA tensor '" + name + "' is not a matrix");
+        const ggml_type ty = t->type;
+        if (ty != GGML_TYPE_F32 && ty != GGML_TYPE_F16 && ty != GGML_TYPE_BF16 && ty != GGML_TYPE_Q8_0)
+            throw load_error("LoRA tensor '" + name + "' has type " + ggml_type_name(ty) + " (f32, f16, bf16 or q8_0 expected)");
+        if (data_offset + gguf_get_tensor_offset(lora->gguf, id) + ggml_nbytes(t) > file_size)
+            throw load_error("LoRA file is truncated: " + path);
+        (name.back() == 'a' ? target.first->a : target.first->b) = t;
+        if (b.rfind("ffn_", 0) == 0) lora->adapts_ffn = true;
+    }
+    bool any = false;
+    for (int il = 0; il < model.hp.n_layer; ++il) {
+        LoraLayer &ll = lora->layers[il];
+        const cmx::Layer &w = model.layers[il];
+        for (auto [m, wt] : {std::pair{&ll.wq, w.wq}, {&ll.wk, w.wk}, {&ll.wv, w.wv}, {&ll.wo, w.wo},
+                             {&ll.ffn_gate, w.ffn_gate}, {&ll.ffn_up, w.ffn_up}, {&ll.ffn_down, w.ffn_down}}) {
+            if (!m->a && !m->b) continue;
+            if (!m->a || !m->b) throw load_error("LoRA adapter " + path + ": layer " + std::to_string(il) + " has lora_a without lora_b or the reverse");
+            if (m->a->ne[0] != wt->ne[0] || m->b->ne[1] != wt->ne[1] || m->a->ne[1] != m->b->ne[0])
+                throw load_error("LoRA adapter " + path + " does not fit this model: " + ggml_get_name(m->a) + " is [" +
+                                 std::to_string(m->a->ne[0]) + ", " + std::to_string(m->a->ne[1]) + "] for a [" +
+                                 std::to_string(wt->ne[0]) + ", " + std::to_string(wt->ne[1]) + "] matrix");
+            const float rank = (float)m->b->ne[0];
+            m->scale = lora->alpha != 0.0f ? user_scale * lora->alpha / rank : user_scale;
+            any = true;
+        }
+    }
+    if (!any) throw load_error("LoRA adapter " + path + " holds no tensors");
+
+    lora->buffer = ggml_backend_alloc_ctx_tensors(lora->ctx, model.backend);
+    if (!lora->buffer) throw load_error("out of memory allocating the LoRA adapter");
+    FILE *f = std::fopen(path.c_str(), "rb");
+    if (!f) throw load_error("cannot open " + path);
+    std::vector<uint8_t> bytes;
+    for (int64_t id = 0; id < n_tensors; ++id) {
+        ggml_tensor *t = ggml_get_tensor(lora->ctx, gguf_get_tensor_name(lora->gguf, id));
+        bytes.resize(ggml_nbytes(t));
+        if (std::fseek(f, (long)(data_offset + gguf_get_tensor_offset(lora->gguf, id)), SEEK_SET) != 0 ||
+            std::fread(bytes.data(), 1, bytes.size(), f) != bytes.size()) {
+            std::fclose(f);
+            throw load_error("cannot read the LoRA adapter " + path);
+        }
+        ggml_backend_tensor_set(t, bytes.data(), 0, bytes.size());
+    }
+    std::fclose(f);
+    return lora;
+}
+
+}  // namespace
+
 size_t Model::weight_bytes() const {
     size_t n = 0;
     for (auto b : weight_buffers) n += ggml_backend_buffer_get_size(b);
@@ -388,6 +489,7 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
             ggml_backend_tensor_set(t, file_ptr(t), 0, ggml_nbytes(t));  // repacks when the type asks
         }
     }
+    if (!params.lora_path.empty()) model->lora = load_lora(*model, params.lora_path, params.lora_scale);
     return model;
 }
 

