@@ -68,7 +68,8 @@ def main() -> int:
             r["kept"].append(len(kept[0]) if kept else 576)
             r["prefill_ms"].append(m.last_stats["prefill_ms"])
             r["answers"].append(out)
-        print(f"[{i + 1}/{args.n}] {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
+        so_far = "  ".join(f"{name}: {r['correct']}/{i + 1} kept {r['kept'][-1]}" for name, r in rows.items())
+        print(f"[{i + 1}/{args.n}] {time.strftime('%H:%M:%S')}  {so_far}", file=sys.stderr, flush=True)
     n = args.n
     print(f"{n} held-out questions (question types in turn)")
     print("| setting | accuracy | kept image tokens (median) | LLM prefill ms (median) |")
