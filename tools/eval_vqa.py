@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", help="LoRA GGUF applied to the text model (llama_cpp engine only)")
     ap.add_argument("--split", default="test", choices=["test", "val"], help="held-out split (default test)")
     ap.add_argument("--n", type=int, default=1000, help="test questions (default 1000)")
+    ap.add_argument("--start", type=int, default=0, help="skip the first START questions (to continue a run in parts)")
     ap.add_argument("--engines", default="cmx,llama_cpp")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-tokens", type=int, default=8)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     engines = {"cmx": CmxEngine, "llama_cpp": LlamaCppEngine}
     chosen = [engines[e](text, mmproj, args.threads, args.lora) for e in args.engines.split(",")]
 
-    data = examples(args.split, args.n)
+    data = examples(args.split, args.start + args.n)[args.start:]
     majority = majority_answers()
     results = {e.name: [] for e in chosen}
     timing = {}
