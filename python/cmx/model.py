@@ -171,8 +171,8 @@ class Model:
             prefill_ms=(time.perf_counter() - t0) * 1e3,
             n_prompt=n,
             image_tokens=[count for _, count in images],
-            kept_image_tokens=[list(k) for k in r["kept"]],
-            core_neurons=list(r["core_neurons"]),
+            kept_image_tokens=[list(k) for k in r["kept"]] or [list(range(count)) for _, count in images],
+            core_neurons=list(r["core_neurons"]) or [self.info["n_ff"]] * self.info["n_layer"],
             select_ms=r["select_ms"], stats_ms=r["stats_ms"], compact_ms=r["compact_ms"],
         )
         return r["logits"][-1]
