@@ -596,6 +596,22 @@ def start_workers(specs: list[tuple[str, dict]]) -> list[Worker]:
     return workers
 
 
+def checkpoint(args, key: str, raw) -> None:
+    """The raw results so far, in --out-json + '.partial' (a long run stopped early keeps them)."""
+    if not args.out_json:
+        return
+    path = args.out_json + ".partial"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {}
+    data[key] = raw
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, default=float)
+    os.replace(path + ".tmp", path)
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -622,6 +638,7 @@ def run_a(args) -> dict:
             rows[w.name].append(w.call({"cmd": "run", "i": i}))
         if (i + 1) % 10 == 0 or i + 1 == n:
             log(f"(a) {i + 1}/{n} questions  {time.perf_counter() - t0:.0f} s")
+            checkpoint(args, "a", rows)
     rss = {w.name: w.quit() for w in workers}
     majority = majority_answers()
 
@@ -686,6 +703,7 @@ def run_b(args, path: str, budget: int, n_img: int, n_text: int, n_gen: int) -> 
         for w in workers:
             reps[w.name].append(w.call({"cmd": "run", "rep": rep}))
         log(f"(b) rep {rep + 1}/{args.reps}  {time.perf_counter() - t0:.0f} s")
+        checkpoint(args, "b " + os.path.basename(path), reps)
     rss = {w.name: w.quit() for w in workers}
 
     n_layer = len(wb["ffn_per_layer"])
@@ -915,6 +933,8 @@ def main(argv=None) -> int:
         args.n_questions = min(args.n_questions, 4)
         args.reps = 1
         args.n_gen = min(args.n_gen, 8)
+    if args.out_json and os.path.exists(args.out_json + ".partial"):
+        os.remove(args.out_json + ".partial")
     pin_cmx()
     import llama_cpp
 
