@@ -45,41 +45,87 @@ def parse_config(text: str):
     return cmx.Sparsity(**kw)
 
 
+def answer_questions(task):
+    """One worker: answer questions [start, stop) of the test split with every setting."""
+    texts, split, start, stop, threads, max_tokens = task
+    configs = {c: parse_config(c) for c in texts}
+    m = cmx.Model(n_ctx=2048, n_threads=threads)
+    out = []
+    for i, (image, question, answer, qtype) in enumerate(examples(split, stop)):
+        if i < start:
+            continue
+        msg = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        per = {}
+        for name, sp in configs.items():
+            m.reset()
+            text = m.chat(msg, max_tokens=max_tokens, sparsity=sp)
+            kept = m.last_stats["kept_image_tokens"]
+            per[name] = {"correct": scenes.normalize_answer(text) == scenes.normalize_answer(answer),
+                         "kept": len(kept[0]) if kept else 576, "prefill_ms": m.last_stats["prefill_ms"],
+                         "answer": text}
+        out.append((i, qtype, per))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", default="val", choices=["val", "test"],
+                    help="questions to answer (default val: defaults are chosen there, reported on test)")
+    ap.add_argument("--threads", type=int, default=2, help="threads per worker")
+    ap.add_argument("--workers", type=int, default=1, help="processes answering questions in parallel "
+                    "(prefill ms are then only comparable within this run)")
     ap.add_argument("--configs", nargs="+", default=["dense", "anchor", "paper"])
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--chunk", type=int, default=10, help="questions per task handed to a worker")
     ap.add_argument("--out", help="JSON with every answer")
     args = ap.parse_args()
 
-    configs = {c: parse_config(c) for c in args.configs}
-    m = cmx.Model(n_ctx=2048, n_threads=args.threads)
-    rows = {c: {"correct": 0, "kept": [], "prefill_ms": [], "answers": []} for c in configs}
-    for i, (image, question, answer, qtype) in enumerate(examples("test", args.n)):
-        msg = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        for name, sp in configs.items():
-            m.reset()
-            out = m.chat(msg, max_tokens=args.max_tokens, sparsity=sp)
-            r = rows[name]
-            r["correct"] += scenes.normalize_answer(out) == scenes.normalize_answer(answer)
-            kept = m.last_stats["kept_image_tokens"]
-            r["kept"].append(len(kept[0]) if kept else 576)
-            r["prefill_ms"].append(m.last_stats["prefill_ms"])
-            r["answers"].append(out)
-        so_far = "  ".join(f"{name}: {r['correct']}/{i + 1} kept {r['kept'][-1]}" for name, r in rows.items())
-        print(f"[{i + 1}/{args.n}] {time.strftime('%H:%M:%S')}  {so_far}", file=sys.stderr, flush=True)
-    n = args.n
-    print(f"{n} held-out questions (question types in turn)")
-    print("| setting | accuracy | kept image tokens (median) | LLM prefill ms (median) |")
-    print("|---|---|---|---|")
+    for c in args.configs:
+        parse_config(c)  # fail before any work
+    chunk = args.chunk
+    tasks = [(args.configs, args.split, s, min(s + chunk, args.n), args.threads, args.max_tokens) for s in range(0, args.n, chunk)]
+    rows = {c: {"correct": 0, "kept": [], "prefill_ms": [], "answers": [], "by_type": {}} for c in args.configs}
+    results = []
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(args.workers)
+        parts = pool.imap_unordered(answer_questions, tasks)
+    else:
+        parts = map(answer_questions, tasks)
+    for part in parts:
+        results.extend(part)
+        done = {c: sum(p[c]["correct"] for _, _, p in results) for c in args.configs}
+        so_far = "  ".join(f"{c}: {done[c]}/{len(results)}" for c in args.configs)
+        print(f"[{len(results)}/{args.n}] {time.strftime('%H:%M:%S')}  {so_far}", file=sys.stderr, flush=True)
+        if args.out:  # what a run stopped early had answered
+            with open(args.out + ".partial", "w") as f:
+                json.dump(results, f)
+    results.sort(key=lambda r: r[0])
+    for _, qtype, per in results:
+        for c, r in per.items():
+            row = rows[c]
+            row["correct"] += r["correct"]
+            row["kept"].append(r["kept"])
+            row["prefill_ms"].append(r["prefill_ms"])
+            row["answers"].append(r["answer"])
+            t = row["by_type"].setdefault(qtype, [0, 0])
+            t[0] += r["correct"]
+            t[1] += 1
+    n = len(results)
+    types = sorted(rows[args.configs[0]]["by_type"])
+    print(f"{n} held-out questions of the {args.split} split (question types in turn)")
+    print("| setting | accuracy | kept image tokens (median) | LLM prefill ms (median) | " + " | ".join(types) + " |")
+    print("|---|---|---|---|" + "---|" * len(types))
     for name, r in rows.items():
+        by = " | ".join(f"{100 * r['by_type'][t][0] / r['by_type'][t][1]:.0f}%" for t in types)
         print(f"| {name} | {100 * r['correct'] / n:.1f}% | {statistics.median(r['kept']):.0f} / 576 | "
-              f"{statistics.median(r['prefill_ms']):.0f} |")
+              f"{statistics.median(r['prefill_ms']):.0f} | {by} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"n": n, "configs": args.configs, "rows": rows}, f, indent=1)
+            json.dump({"n": n, "configs": args.configs, "rows": rows,
+                       "questions": [[i, qtype] for i, qtype, _ in results]}, f, indent=1)
     return 0
 
 

@@ -212,7 +212,8 @@ class SceneDataset(torch.utils.data.Dataset):
     K distinct questions about the same image (every type once, in random order, then random
     ones), used as a multi-turn conversation as in LLaVA-1.5's instruction data."""
 
-    def __init__(self, seeds, qtypes=None, with_labels=True, questions_per_image=1):
+    def __init__(self, seeds, qtypes=None, with_labels=True, questions_per_image=1, focus_types=()):
+        self.focus_types = tuple(focus_types)
         self.seeds = seeds
         self.qtypes = qtypes
         self.with_labels = with_labels
@@ -232,7 +233,12 @@ class SceneDataset(torch.utils.data.Dataset):
             for j in range(1, 3 * self.k):
                 if len(qs) >= self.k:
                     break
-                t = scenes.QUESTION_TYPES[order[j % len(order)]] if j < len(order) else None
+                if j < len(order):
+                    t = scenes.QUESTION_TYPES[order[j % len(order)]]
+                elif self.focus_types:  # the turns after one of each type go to the weak types
+                    t = self.focus_types[j % len(self.focus_types)]
+                else:
+                    t = None
                 q2, a2, t2 = scenes.make_question(scene, seed * 64 + j, t)
                 if q2 not in qs:
                     qs.append(q2), ans.append(a2), qts.append(t2)
@@ -584,6 +590,8 @@ def main(argv=None):
     ap.add_argument("--shard-bytes", type=int, default=0)
     ap.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--questions-per-image", type=int, default=8, help="training conversation turns per image")
+    ap.add_argument("--focus-types", default="", help="comma-separated question types that the turns after "
+                    "one of each type ask (default: random types)")
     ap.add_argument("--init-from", default=None, help="start the vision side from a checkpoint (run folder or safetensors)")
     ap.add_argument("--init-mmproj", default=None, help="start the vision side from an mmproj GGUF (e.g. the shipped demo one)")
     ap.add_argument("--resume", default=None, help="run folder: vision side, LoRA and aux heads from its checkpoint; step count continues")
@@ -695,7 +703,8 @@ def main(argv=None):
     max_examples = max(args.steps, 1) * args.batch_size
     offset = args.data_offset if args.data_offset >= 0 else examples_before
     train_ds = SceneDataset(scenes.split_seeds("train", max_examples, start=args.seed * 100_000_000 + offset),
-                            questions_per_image=args.questions_per_image)
+                            questions_per_image=args.questions_per_image,
+                            focus_types=[t for t in args.focus_types.split(",") if t])
     dl_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
     if args.workers > 0:
         dl_kw.update(prefetch_factor=4, persistent_workers=False)

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score", choices=("anchor", "paper"), default="anchor", help="how image tokens are scored (default anchor)")
     g.add_argument("--keep-tokens", type=int, default=None, metavar="K",
                    help="keep K tokens per image instead of the adaptive count")
+    g.add_argument("--min-keep", type=float, default=0.25, metavar="F",
+                   help="keep at least this share of each image's tokens (default 0.25)")
     p.add_argument("--timings", action="store_true", help="print llama.cpp-style timings, kept tokens and core neurons")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's and mtmd's logs")
     return p
@@ -74,7 +76,7 @@ def sparsity_from_args(p: argparse.ArgumentParser, a: argparse.Namespace):
         return None
     try:
         return cmx.Sparsity(tokens=not a.no_token_pruning, neurons=not a.no_core_neurons, rho=a.rho, beta=a.beta,
-                            prune_layer=a.prune_layer, score=a.score, budget=a.keep_tokens)
+                            prune_layer=a.prune_layer, score=a.score, budget=a.keep_tokens, min_keep=a.min_keep)
     except ValueError as e:
         p.error(str(e))
 

@@ -28,7 +28,8 @@ class Sparsity:
     score        'anchor' (neurons shared with the start of the answer turn: depends on the
                  question) or 'paper' (neurons shared with the prompt's core neurons)
     budget       keep exactly this many tokens per image instead of the elbow's count
-    min_keep, max_keep  bounds on the kept fraction of each image when the elbow decides
+    min_keep, max_keep  bounds on the kept fraction of each image when the elbow decides (the
+                 default floor of 0.25 is measured: docs/decisions.md, "CoreMatching defaults")
     dense_layers layers whose decode FFN stays dense (None: the first and the last)
     """
 
@@ -39,7 +40,7 @@ class Sparsity:
     prune_layer: int | None = None
     score: str = "anchor"
     budget: int | None = None
-    min_keep: float = 0.0
+    min_keep: float = 0.25
     max_keep: float = 1.0
     dense_layers: tuple[int, ...] | None = field(default=None)
 
