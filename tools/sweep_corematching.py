@@ -7,6 +7,9 @@ compared on the same questions. Used to choose the defaults (docs/decisions.md).
     python tools/sweep_corematching.py --n 60 --threads 2 \
         --configs "dense" "anchor" "paper" "anchor,K=8" "paper,K=8"
 
+"object patches kept": the share of the patches holding part of an object (from the scene's
+drawing) that the selection kept; random selection keeps the kept fraction of them.
+
 A setting is "dense" or comma-separated: anchor|paper, K=<prune layer>, min=<min_keep>,
 max=<max_keep>, budget=<tokens>, beta=<beta>, rho=<rho>, tokens-only, neurons-only.
 """
@@ -20,11 +23,12 @@ import statistics
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cmx  # noqa: E402
 from cmx import scenes  # noqa: E402
-from eval_vqa import examples  # noqa: E402
 
 
 def parse_config(text: str):
@@ -45,22 +49,32 @@ def parse_config(text: str):
     return cmx.Sparsity(**kw)
 
 
+def object_patches(scene) -> np.ndarray:
+    """(576,) bool: the 14x14 patches of the 24x24 grid that hold any pixel of an object."""
+    lab = scenes.label_map(scene)
+    g = scenes.IMAGE_SIZE // 14
+    return (lab.reshape(g, 14, g, 14).max(axis=(1, 3)) > 0).reshape(-1)
+
+
 def answer_questions(task):
     """One worker: answer questions [start, stop) of the test split with every setting."""
     texts, split, start, stop, threads, max_tokens = task
     configs = {c: parse_config(c) for c in texts}
     m = cmx.Model(n_ctx=2048, n_threads=threads)
     out = []
-    for i, (image, question, answer, qtype) in enumerate(examples(split, stop)):
+    for i, seed in enumerate(scenes.split_seeds(split, stop)):  # the questions of eval_vqa.examples
         if i < start:
             continue
-        msg = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        scene, question, answer, qtype = scenes.make_example_full(seed, scenes.QUESTION_TYPES[i % len(scenes.QUESTION_TYPES)])
+        objects = object_patches(scene)
+        msg = [{"role": "user", "content": [{"type": "image", "image": scene.image}, {"type": "text", "text": question}]}]
         per = {}
         for name, sp in configs.items():
             m.reset()
             text = m.chat(msg, max_tokens=max_tokens, sparsity=sp)
             kept = m.last_stats["kept_image_tokens"]
-            per[name] = {"correct": scenes.normalize_answer(text) == scenes.normalize_answer(answer),
+            kept_objects = objects[np.asarray(kept[0], np.int64)].sum() if kept else objects.sum()
+            per[name] = {"object_recall": float(kept_objects / max(objects.sum(), 1)),"correct": scenes.normalize_answer(text) == scenes.normalize_answer(answer),
                          "kept": len(kept[0]) if kept else 576, "prefill_ms": m.last_stats["prefill_ms"],
                          "answer": text}
         out.append((i, qtype, per))
@@ -85,7 +99,8 @@ def main() -> int:
         parse_config(c)  # fail before any work
     chunk = args.chunk
     tasks = [(args.configs, args.split, s, min(s + chunk, args.n), args.threads, args.max_tokens) for s in range(0, args.n, chunk)]
-    rows = {c: {"correct": 0, "kept": [], "prefill_ms": [], "answers": [], "by_type": {}} for c in args.configs}
+    rows = {c: {"correct": 0, "kept": [], "object_recall": [], "prefill_ms": [], "answers": [], "by_type": {}}
+            for c in args.configs}
     results = []
     if args.workers > 1:
         import multiprocessing as mp
@@ -108,6 +123,7 @@ def main() -> int:
             row = rows[c]
             row["correct"] += r["correct"]
             row["kept"].append(r["kept"])
+            row["object_recall"].append(r["object_recall"])
             row["prefill_ms"].append(r["prefill_ms"])
             row["answers"].append(r["answer"])
             t = row["by_type"].setdefault(qtype, [0, 0])
@@ -116,12 +132,13 @@ def main() -> int:
     n = len(results)
     types = sorted(rows[args.configs[0]]["by_type"])
     print(f"{n} held-out questions of the {args.split} split (question types in turn)")
-    print("| setting | accuracy | kept image tokens (median) | LLM prefill ms (median) | " + " | ".join(types) + " |")
-    print("|---|---|---|---|" + "---|" * len(types))
+    print("| setting | accuracy | kept image tokens (median) | object patches kept (mean) | LLM prefill ms (median) | "
+          + " | ".join(types) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(types))
     for name, r in rows.items():
         by = " | ".join(f"{100 * r['by_type'][t][0] / r['by_type'][t][1]:.0f}%" for t in types)
         print(f"| {name} | {100 * r['correct'] / n:.1f}% | {statistics.median(r['kept']):.0f} / 576 | "
-              f"{statistics.median(r['prefill_ms']):.0f} | {by} |")
+              f"{100 * statistics.mean(r['object_recall']):.0f}% | {statistics.median(r['prefill_ms']):.0f} | {by} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"n": n, "configs": args.configs, "rows": rows,

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep K tokens per image instead of the adaptive count")
     g.add_argument("--min-keep", type=float, default=0.25, metavar="F",
                    help="keep at least this share of each image's tokens (default 0.25)")
+    p.add_argument("--show-kept", metavar="OUT.png", default=None,
+                   help="after each answer about a new image, write it with the pruned patches dimmed and the kept ones outlined")
     p.add_argument("--timings", action="store_true", help="print llama.cpp-style timings, kept tokens and core neurons")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's and mtmd's logs")
     return p
@@ -139,7 +141,25 @@ class Session:
             self.messages.append({"role": "assistant", "content": answer})
         if self.args.timings:
             print_timings(self.model.last_stats)
+        if self.args.show_kept and image is not None:
+            self.write_kept(image)
         return answer
+
+    def write_kept(self, image) -> None:
+        """The image this turn brought, as the pruning saw it (--show-kept)."""
+        from .kept import draw_kept
+
+        stats = self.model.last_stats
+        if not stats.get("image_tokens") or self.model.vision is None:
+            return
+        size = self.model.vision.meta.get("image_size")
+        try:
+            out = draw_kept(image, stats["kept_image_tokens"][-1], stats["image_tokens"][-1], size or 0)
+            out.save(self.args.show_kept)
+        except (OSError, ValueError) as e:
+            print(f"cmx-chat: cannot write --show-kept image: {e}", file=sys.stderr)
+            return
+        print(f"[kept image tokens drawn in {self.args.show_kept}]", file=sys.stderr)
 
 
 def repl(session: Session, image) -> int:
