@@ -14,6 +14,7 @@ from .chat import ChatTemplate, EmbeddingCache, common_prefix, flatten_messages,
 from .defaults import default_lora, default_mmproj, default_text_model
 from .images import ImageError
 from .sampling import check_sampling_params, sample
+from . import selection
 from .sparsity import Sparsity
 from .vision import ImageChunk, VisionEncoder, VisionModelError
 from .vocab import Vocab
@@ -165,8 +166,14 @@ class Model:
         n = len(rows)
         sp = sparsity.to_core(self.info["n_layer"]) if sparsity is not None else None
         t0 = time.perf_counter()
+        forced = [[] for _ in images]  # kept tokens chosen here instead of by CoreMatching's scores
+        if sparsity is not None and sparsity.tokens and sparsity.select != "corematching":
+            for i, (first, count) in enumerate(images):
+                e0 = int((rows[:first] < 0).sum())  # the image's first row among the embedding rows
+                forced[i] = selection.choose(sparsity.select, embd[e0 : e0 + count], sparsity.budget, sparsity.seed + i)
         r = self._engine.prefill(rows, np.arange(start, start + n, dtype=np.int32), np.array([n - 1], np.int32), embd,
-                                 images=[(first, count, []) for first, count in images], anchor_row=anchor_row, sparsity=sp)
+                                 images=[(first, count, keep) for (first, count), keep in zip(images, forced)],
+                                 anchor_row=anchor_row, sparsity=sp)
         self.last_stats.update(
             prefill_ms=(time.perf_counter() - t0) * 1e3,
             n_prompt=n,

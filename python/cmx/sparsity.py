@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SCORES = ("anchor", "paper")
+SELECTIONS = ("corematching", "random", "divprune")
 
 
 def _fraction(name: str, value, low_open: bool) -> float:
@@ -31,6 +32,10 @@ class Sparsity:
     min_keep, max_keep  bounds on the kept fraction of each image when the elbow decides (the
                  default floor of 0.25 is measured: docs/decisions.md, "CoreMatching defaults")
     dense_layers layers whose decode FFN stays dense (None: the first and the last)
+    select       which image tokens stay: 'corematching' (the scores above), or for comparisons at
+                 an equal `budget`: 'random' (seeded by `seed`) or 'divprune' (the max-min cosine
+                 diversity subset of the image's embeddings); all prune after `prune_layer`
+    seed         the random selection's seed
     """
 
     tokens: bool = True
@@ -43,6 +48,8 @@ class Sparsity:
     min_keep: float = 0.25
     max_keep: float = 1.0
     dense_layers: tuple[int, ...] | None = field(default=None)
+    select: str = "corematching"
+    seed: int = 0
 
     def __post_init__(self):
         for name in ("tokens", "neurons"):
@@ -54,6 +61,12 @@ class Sparsity:
         _fraction("max_keep", self.max_keep, False)
         if self.min_keep > self.max_keep:
             raise ValueError(f"min_keep ({self.min_keep}) must not exceed max_keep ({self.max_keep})")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.select != "corematching" and (not self.tokens or self.budget is None):
+            raise ValueError(f"select={self.select!r} compares selections at an equal budget: it needs tokens=True and budget=k")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.prune_layer is not None and (isinstance(self.prune_layer, bool) or not isinstance(self.prune_layer, int) or self.prune_layer < 0):
@@ -76,7 +89,7 @@ class Sparsity:
         if any(i >= n_layer for i in dense):
             raise ValueError(f"dense_layers {dense} out of range for a model of {n_layer} layers")
         return Sparsity(self.tokens, self.neurons, self.rho, self.beta, k, self.score, self.budget,
-                        self.min_keep, self.max_keep, tuple(sorted(set(dense))))
+                        self.min_keep, self.max_keep, tuple(sorted(set(dense))), self.select, self.seed)
 
     def to_core(self, n_layer: int):
         """The engine's SparsityParams."""
