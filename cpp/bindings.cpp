@@ -81,6 +81,10 @@ PYBIND11_MODULE(_core, mod) {
         g_min_log_level = level;
         ggml_log_set(ggml_log_to_stderr, nullptr);
     }, py::arg("level"), "Print ggml's log messages at or above this ggml_log_level (1 debug .. 4 error, 5: none).");
+    // llama.cpp and mtmd take the same callback type: routing them here too keeps Python out of
+    // their logging (a Ctrl-C that lands in a ctypes callback is dropped by ctypes)
+    mod.def("log_callback_address", []() { return reinterpret_cast<uintptr_t>(&ggml_log_to_stderr); },
+            "Address of the C log callback set_ggml_log_level filters (for llama_log_set / mtmd_helper_log_set).");
 
     py::enum_<TokenScore>(mod, "TokenScore").value("anchor", TokenScore::anchor).value("paper", TokenScore::paper);
     py::class_<SparsityParams>(mod, "SparsityParams", "CoreMatching settings (see cmx.Sparsity, which validates them)")

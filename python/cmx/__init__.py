@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-_ENGINE_NAMES = ("Model", "ModelLoadError", "ImageError", "VisionModelError")
+_ENGINE_NAMES = ("Model", "ModelLoadError", "ModelBusyError", "ImageError", "VisionModelError")
 
 from .kept import draw_kept  # noqa: E402  (pure Python)
 from .sparsity import Sparsity  # noqa: E402  (pure Python)

@@ -23,23 +23,44 @@ logger.setLevel(logging.DEBUG if os.environ.get("CMX_VERBOSE") else logging.CRIT
 
 _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # enum ggml_log_level
 _last_level = logging.INFO
+_interrupted = False  # a Ctrl-C that arrived inside the callback, where ctypes would drop it
+_c_callback = None  # cmx._core's C callback, as a ctypes function pointer (kept alive here)
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    global _last_level
-    lvl = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)  # 5: continuation
-    _last_level = lvl
-    if logger.isEnabledFor(lvl):
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+    global _last_level, _interrupted
+    try:
+        lvl = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)  # 5: continuation
+        _last_level = lvl
+        if logger.isEnabledFor(lvl):
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+    except KeyboardInterrupt:
+        _interrupted = True
+
+
+def raise_pending_interrupt() -> None:
+    """Raises the KeyboardInterrupt that reached a log callback during the last llama.cpp / mtmd
+    call (called right after such calls)."""
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        raise KeyboardInterrupt
 
 
 def route_logs() -> None:
-    """(Re)install the callback for llama.cpp and mtmd. ggml's own logs (gguf, backends) are
-    routed by cmx._core.set_ggml_log_level, from C++: loading libggml-base through ctypes here
-    could map a second copy of it (the wheel ships the soname links as separate files)."""
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-    mtmd_cpp.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
+    """(Re)install the log callback of llama.cpp and mtmd. Once cmx._core is loaded it is the C
+    one that also filters ggml's own logs (cmx._core.set_ggml_log_level), so no Python runs while
+    they log: a Ctrl-C arriving in a ctypes callback would be lost. Before that, the Python one.
+    (ggml's own logs are routed from C++ only: loading libggml-base through ctypes here could map
+    a second copy of it, as the wheel ships the soname links as separate files.)"""
+    global _c_callback
+    core = sys.modules.get("cmx._core")
+    if core is not None and _c_callback is None:
+        _c_callback = ctypes.cast(ctypes.c_void_p(core.log_callback_address()), llama_cpp.llama_log_callback)
+    cb = _c_callback if core is not None else _log_callback
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
 
 
 def ggml_log_level() -> int:

@@ -141,7 +141,7 @@ class Session:
             self.messages.append({"role": "assistant", "content": answer})
         if self.args.timings:
             print_timings(self.model.last_stats)
-        if self.args.show_kept and image is not None:
+        if getattr(self.args, "show_kept", None) and image is not None:
             self.write_kept(image)
         return answer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -30,12 +31,73 @@ def _check_sparsity(sparsity) -> Sparsity | None:
     return sparsity
 
 set_ggml_log_level(_lib.ggml_log_level())
+_lib.route_logs()  # llama.cpp's and mtmd's logs through the same C filter
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+class ModelBusyError(RuntimeError):
+    """A cmx.Model serves one call at a time: another thread's call, or its unfinished stream,
+    holds it. Use one Model per thread (they share nothing), or finish / close the stream."""
+
+
+class _CallGuard:
+    """Which thread is using the Model. The engine releases the GIL while it computes, so two
+    threads in one Model would interleave their batches in one KV cache; the second one gets a
+    ModelBusyError instead. Re-entrant for the owning thread (a new call after an abandoned stream
+    works as before)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._holds = 0
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner is not None and self._owner != me:
+                raise ModelBusyError("this cmx.Model is in use by another thread (one call or stream at a time: "
+                                     "use one Model per thread, or wait for the other call)")
+            self._owner = me
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            if self._holds == 0:
+                self._owner = None
+
+
+class _GuardedStream:
+    """An iterator holding the Model's guard until it is exhausted, fails, is closed or dropped."""
+
+    def __init__(self, it: Iterator, guard: _CallGuard):
+        self._it, self._guard, self._held = it, guard, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._held:
+            self._held = False
+            close = getattr(self._it, "close", None)
+            if close is not None:
+                close()
+            self._guard.release()
+
+    def __del__(self):
+        self.close()
 
 
 class Model:
@@ -101,6 +163,7 @@ class Model:
         self._exact = 0  # how many of them a dense-FFN evaluation cached (tokens decoded sparsely are not)
         self._image_embd = EmbeddingCache()
         self.last_stats: dict = {}
+        self._guard = _CallGuard()
         if self.sparsity is not None:
             self.sparsity.resolved(self.info["n_layer"])  # fail now, not at the first call
 
@@ -151,10 +214,14 @@ class Model:
     # ---- evaluation
     def reset(self) -> None:
         """Forget the conversation (empties the KV cache; decoding goes dense until a prefill)."""
-        self._engine.clear()
-        self._engine.set_ffn_neurons([])
-        self._cached = []
-        self._exact = 0
+        self._guard.acquire()
+        try:
+            self._engine.clear()
+            self._engine.set_ffn_neurons([])
+            self._cached = []
+            self._exact = 0
+        finally:
+            self._guard.release()
 
     def _resolve_sparsity(self, sparsity) -> Sparsity | None:
         return self.sparsity if sparsity is _MODEL_DEFAULT else _check_sparsity(sparsity)
@@ -213,11 +280,15 @@ class Model:
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position of a fresh sequence: float32, shape (len(tokens), n_vocab)."""
         arr = self._check_tokens(tokens)
-        self.reset()
-        logits = self._eval(arr, None, 0, all_logits=True)
-        self._cached = arr.tolist()
-        self._exact = len(self._cached)
-        return logits
+        self._guard.acquire()
+        try:
+            self.reset()
+            logits = self._eval(arr, None, 0, all_logits=True)
+            self._cached = arr.tolist()
+            self._exact = len(self._cached)
+            return logits
+        finally:
+            self._guard.release()
 
     def generate(
         self,
@@ -237,12 +308,17 @@ class Model:
         rows, embd, images = self._prompt_rows(prompt)
         self._check_generation(max_tokens, temperature, top_k, top_p)
         sparsity = self._resolve_sparsity(sparsity)
-        self.reset()
-        self.last_stats = {"encode_ms": 0.0}
-        logits = self._prefill(rows, embd, 0, images, len(rows) - 1, sparsity)
-        self._cached = [int(t) if t >= 0 else ("embd", i) for i, t in enumerate(rows)]
-        self._exact = len(self._cached)
-        return self._decode_loop(logits, max_tokens, temperature, top_k, top_p, seed)
+        self._guard.acquire()  # held by the returned stream until it ends
+        try:
+            self.reset()
+            self.last_stats = {"encode_ms": 0.0}
+            logits = self._prefill(rows, embd, 0, images, len(rows) - 1, sparsity)
+            self._cached = [int(t) if t >= 0 else ("embd", i) for i, t in enumerate(rows)]
+            self._exact = len(self._cached)
+        except BaseException:
+            self._guard.release()
+            raise
+        return _GuardedStream(self._decode_loop(logits, max_tokens, temperature, top_k, top_p, seed), self._guard)
 
     def _prompt_rows(self, prompt) -> tuple[np.ndarray, np.ndarray | None, list]:
         if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
@@ -313,10 +389,21 @@ class Model:
         the new part is evaluated and images already in the cache are not encoded again (nor
         pruned again: an image keeps the tokens CoreMatching chose when it entered the cache)."""
         self._check_generation(max_tokens, temperature, top_k, top_p)
-        logits = self._prefill_chat(messages, self._resolve_sparsity(sparsity))
+        sparsity = self._resolve_sparsity(sparsity)
+        self._guard.acquire()
+        try:
+            logits = self._prefill_chat(messages, sparsity)
+        except BaseException:
+            self._guard.release()
+            raise
         tokens = self._decode_loop(logits, max_tokens, temperature, top_k, top_p, seed)
-        pieces = stream_text(tokens, self._vocab.detokenize)
-        return pieces if stream else "".join(pieces)
+        pieces = _GuardedStream(stream_text(tokens, self._vocab.detokenize), self._guard)
+        if stream:
+            return pieces
+        try:
+            return "".join(pieces)
+        finally:
+            pieces.close()
 
     def _anchor_offset(self, flat: list[dict]) -> int:
         """Tokens from the start of the answer turn's header to the end of the prompt (the anchor
