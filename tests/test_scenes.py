@@ -182,3 +182,17 @@ def test_normalize_answer():
     assert answer_matches("red star", "red")
     assert not answer_matches("blue", "red")
     assert not answer_matches("", "red")
+
+
+def test_scene_variants_are_deterministic_and_within_their_ranges():
+    for variant, (lo, hi, r_min, r_max) in scenes.VARIANTS.items():
+        for seed in range(6):
+            a, b = scenes.make_scene(seed, variant), scenes.make_scene(seed, variant)
+            assert a.objects == b.objects and a.image.tobytes() == b.image.tobytes()
+            assert 1 <= len(a.objects) <= hi
+            assert all(r_min <= o.r <= r_max for o in a.objects)
+    assert len(scenes.make_scene(3, "crowded").objects) > 8
+    with pytest.raises(ValueError, match="unknown scene variant"):
+        scenes.make_scene(0, "huge")
+    scene, q, a, qt = scenes.make_example_full(11, "color", "small")
+    assert qt == "color" and all(o.r <= 12 for o in scene.objects)

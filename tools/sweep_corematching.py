@@ -11,7 +11,8 @@ compared on the same questions. Used to choose the defaults (docs/decisions.md).
 drawing) that the selection kept; random selection keeps the kept fraction of them.
 
 A setting is "dense" or comma-separated: anchor|paper, K=<prune layer>, min=<min_keep>,
-max=<max_keep>, budget=<tokens>, beta=<beta>, rho=<rho>, tokens-only, neurons-only.
+max=<max_keep>, budget=<tokens>, beta=<beta>, rho=<rho>, tokens-only, neurons-only, and for
+equal-budget comparisons random|divprune (with budget=, seed=).
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ def parse_config(text: str):
     for part in text.split(","):
         if part in ("anchor", "paper"):
             kw["score"] = part
+        elif part in ("random", "divprune"):
+            kw["select"] = part
         elif part == "tokens-only":
             kw["neurons"] = False
         elif part == "neurons-only":
             kw["tokens"] = False
         else:
             key, value = part.split("=")
-            name = {"K": "prune_layer", "min": "min_keep", "max": "max_keep", "budget": "budget", "beta": "beta", "rho": "rho"}[key]
-            kw[name] = int(value) if name in ("prune_layer", "budget") else float(value)
+            name = {"K": "prune_layer", "min": "min_keep", "max": "max_keep", "budget": "budget", "beta": "beta", "rho": "rho",
+                    "seed": "seed"}[key]
+            kw[name] = int(value) if name in ("prune_layer", "budget", "seed") else float(value)
     return cmx.Sparsity(**kw)
 
 
@@ -58,14 +62,15 @@ def object_patches(scene) -> np.ndarray:
 
 def answer_questions(task):
     """One worker: answer questions [start, stop) of the test split with every setting."""
-    texts, split, start, stop, threads, max_tokens = task
+    texts, split, variant, start, stop, threads, max_tokens = task
     configs = {c: parse_config(c) for c in texts}
     m = cmx.Model(n_ctx=2048, n_threads=threads)
     out = []
     for i, seed in enumerate(scenes.split_seeds(split, stop)):  # the questions of eval_vqa.examples
         if i < start:
             continue
-        scene, question, answer, qtype = scenes.make_example_full(seed, scenes.QUESTION_TYPES[i % len(scenes.QUESTION_TYPES)])
+        scene, question, answer, qtype = scenes.make_example_full(seed, scenes.QUESTION_TYPES[i % len(scenes.QUESTION_TYPES)],
+                                                                  variant)
         objects = object_patches(scene)
         msg = [{"role": "user", "content": [{"type": "image", "image": scene.image}, {"type": "text", "text": question}]}]
         per = {}
@@ -86,6 +91,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--split", default="val", choices=["val", "test"],
                     help="questions to answer (default val: defaults are chosen there, reported on test)")
+    ap.add_argument("--variant", default="standard", choices=sorted(scenes.VARIANTS),
+                    help="scene variant (default standard: the demo model's training distribution)")
     ap.add_argument("--threads", type=int, default=2, help="threads per worker")
     ap.add_argument("--workers", type=int, default=1, help="processes answering questions in parallel "
                     "(prefill ms are then only comparable within this run)")
@@ -98,7 +105,7 @@ def main() -> int:
     for c in args.configs:
         parse_config(c)  # fail before any work
     chunk = args.chunk
-    tasks = [(args.configs, args.split, s, min(s + chunk, args.n), args.threads, args.max_tokens) for s in range(0, args.n, chunk)]
+    tasks = [(args.configs, args.split, args.variant, s, min(s + chunk, args.n), args.threads, args.max_tokens) for s in range(0, args.n, chunk)]
     rows = {c: {"correct": 0, "kept": [], "object_recall": [], "prefill_ms": [], "answers": [], "by_type": {}}
             for c in args.configs}
     results = []
@@ -131,7 +138,7 @@ def main() -> int:
             t[1] += 1
     n = len(results)
     types = sorted(rows[args.configs[0]]["by_type"])
-    print(f"{n} held-out questions of the {args.split} split (question types in turn)")
+    print(f"{n} held-out questions of the {args.split} split, {args.variant} scenes (question types in turn)")
     print("| setting | accuracy | kept image tokens (median) | object patches kept (mean) | LLM prefill ms (median) | "
           + " | ".join(types) + " |")
     print("|---|---|---|---|---|" + "---|" * len(types))

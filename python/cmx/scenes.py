@@ -206,13 +206,24 @@ def _background(rng: np.random.Generator, kind: str) -> np.ndarray:
     return img
 
 
-def _place_objects(rng: np.random.Generator, count: int) -> list[tuple[float, float, float]]:
+# Scene variants: (fewest objects, most objects, smallest radius, largest radius). "standard" is
+# the demo model's training distribution; the others are harder test sets (more objects, or
+# objects of a few patches) for comparing token selections.
+VARIANTS = {
+    "standard": (1, 8, MIN_RADIUS, MAX_RADIUS),
+    "crowded": (9, 16, 9, 22),
+    "small": (1, 8, 6, 12),
+}
+
+
+def _place_objects(rng: np.random.Generator, count: int, variant: str = "standard") -> list[tuple[float, float, float]]:
+    _, _, r_min, r_max = VARIANTS[variant]
     placed: list[tuple[float, float, float]] = []
     for _ in range(count):
         for _attempt in range(200):
             # bias towards small and medium sizes; larger scenes get smaller objects
-            hi = MAX_RADIUS if count <= 4 else MAX_RADIUS - 8
-            r = float(MIN_RADIUS + (hi - MIN_RADIUS) * rng.random() ** 1.3)
+            hi = (r_max if count <= 4 else r_max - 8) if variant == "standard" else r_max
+            r = float(r_min + (hi - r_min) * rng.random() ** 1.3)
             lo_c, hi_c = r + EDGE_MARGIN, IMAGE_SIZE - r - EDGE_MARGIN
             x, y = float(rng.uniform(lo_c, hi_c)), float(rng.uniform(lo_c, hi_c))
             if all(math.hypot(x - px, y - py) >= r + pr + MIN_GAP for px, py, pr in placed):
@@ -221,13 +232,17 @@ def _place_objects(rng: np.random.Generator, count: int) -> list[tuple[float, fl
     return placed
 
 
-def make_scene(seed: int) -> Scene:
-    """Deterministic scene for ``seed``: 1-8 objects on one of the BACKGROUNDS."""
+def make_scene(seed: int, variant: str = "standard") -> Scene:
+    """Deterministic scene for ``seed``: objects (1-8 in the standard variant, see VARIANTS) on one
+    of the BACKGROUNDS."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown scene variant {variant!r} (one of {sorted(VARIANTS)})")
     rng = np.random.default_rng([int(seed), 0x5CE7E])
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     img = _background(rng, background)
-    count = int(rng.integers(1, 9))
-    spots = _place_objects(rng, count)
+    lo, hi = VARIANTS[variant][:2]
+    count = int(rng.integers(lo, hi + 1))
+    spots = _place_objects(rng, count, variant)
     # A third of the scenes draw from a reduced palette (2 shapes, 3 colours) so that counts
     # above 2 are common.
     if rng.random() < 0.35:
@@ -410,19 +425,19 @@ def make_question(scene: Scene, seed: int, qtype: str | None = None):
     raise AssertionError("unreachable: count questions always exist")
 
 
-def make_example_full(seed: int, qtype: str | None = None):
+def make_example_full(seed: int, qtype: str | None = None, variant: str = "standard"):
     """(scene, question, answer, qtype): like make_example, with the Scene (and so its object
     list) instead of the bare image. ``qtype`` asks for one question type; when that type has no
     unambiguous question for the scene, the scenes of seed + k * 7919 (k = 1, 2, ...) are tried."""
     if qtype is None:
-        scene = make_scene(seed)
+        scene = make_scene(seed, variant)
         q, a, qt = make_question(scene, seed)
         return scene, q, a, qt
     if qtype not in _GENERATORS:
         raise ValueError(f"unknown question type {qtype!r}")
     for k in range(1000):
         s = int(seed) + k * 7919
-        scene = make_scene(s)
+        scene = make_scene(s, variant)
         qa = _GENERATORS[qtype](np.random.default_rng([s, 0x0A5C, 1]), scene.objects)
         if qa is not None:
             return scene, qa[0], qa[1], qtype
