@@ -223,6 +223,37 @@ def test_bad_images(tmp_path, vlm, monkeypatch):
         vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(text)}}]}])
 
 
+def test_image_limits_are_refused_with_bounded_memory(tmp_path):
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    # a PNG whose header claims 20,000 x 20,000 pixels: refused before any pixel is decoded
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="decompression bomb|exceeds limit"):
+        load_image(huge)
+    # a 1 GB file that is not an image (sparse on disk): refused from its first bytes, in a fresh
+    # process so that its peak memory is its own
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
+    code = ("import sys\nfrom cmx.images import ImageError, load_image\n"
+            "try:\n    load_image(sys.argv[1])\nexcept ImageError as e:\n    print('refused:', e)\n"
+            "print([int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    r = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("refused:") and "not an image" in lines[0]
+    assert int(lines[-1]) < 300  # MiB: the file is never read whole
+
+
 def test_wrong_or_bad_mmproj(tiny_llava, smollm2_path, tmp_path):
     _, text, mmproj, image_path, _ = tiny_llava
     with pytest.raises(cmx.VisionModelError, match="projects to 64 dimensions but the text model has n_embd=576"):

@@ -66,14 +66,13 @@ def _open(source) -> Image.Image:
                 raise FileNotFoundError(f"image not found: {text}")
             if os.path.isdir(text):
                 raise ImageError(f"{text} is a directory, not an image")
-            try:
-                with open(text, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise ImageError(f"cannot read image {text}: {e.strerror}") from None
-            name = text
+            if not os.access(text, os.R_OK):
+                raise ImageError(f"cannot read image {text}: permission denied")
+            # Pillow opens the path itself: it identifies the format from the first bytes and
+            # streams the rest, so a huge file that is not an image costs no memory
+            data, name = None, text
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data) if data is not None else name)
         img.load()
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}") from None
