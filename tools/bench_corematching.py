@@ -749,6 +749,11 @@ def run_b(args, path: str, budget: int, n_img: int, n_text: int, n_gen: int) -> 
 
 
 # ---------------------------------------------------------------- report
+def kept_neurons_cell(r: dict) -> str:
+    """A configuration's kept-neuron share, as the tables show it."""
+    return f"{r['kept_neurons']:.3f} ({r['sparse_layers']} layers)" if r["sparse_layers"] else "1 (dense)"
+
+
 def ratio(a, b):
     return a / b if b else float("nan")
 
@@ -770,12 +775,11 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, _, _ in CONFIGS:
             r = s[name]
-            kn = f"{r['kept_neurons']:.3f} ({r['sparse_layers']} layers)" if r["sparse_layers"] else "1 (dense)"
             lines.append(f"| {LABELS[name]} | {r['accuracy']:.1%} | {r['same_as_cmx_dense']:.1%} | {r['encode_ms']:.0f} | "
                          f"{r['prefill_ms']:.0f} ({ratio(ref['prefill_ms'], r['prefill_ms']):.2f}x) | "
                          f"{r['ttft_ms']:.0f} ({ratio(ref['ttft_ms'], r['ttft_ms']):.2f}x) | "
                          f"{r['decode_tok_s']:.1f} ({ratio(r['decode_tok_s'], ref['decode_tok_s']):.2f}x) | "
-                         f"{r['peak_rss_mib']:.0f} | {r['kept_median']:g} ({r['kept_min']}-{r['kept_max']}) | {kn} |")
+                         f"{r['peak_rss_mib']:.0f} | {r['kept_median']:g} ({r['kept_min']}-{r['kept_max']}) | {kept_neurons_cell(r)} |")
         lines += ["", "Medians over questions (decode: all decoded tokens / their time; peak RSS: VmHWM of the "
                   "configuration's own worker process); (x): against llama-cpp-python dense. "
                   f"Tokens only and both kept the same image tokens on {A['kept_equal_tokens_vs_both']:.1%} of questions; "
@@ -802,15 +806,11 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
         n_img = b["n_prompt"] - (b["n_prompt_kept"] - b["budget"])
         for name, _, _ in CONFIGS:
             r = s[name]
-            kn = f"{r['kept_neurons']:.3f} ({r['sparse_layers']} layers)" if r["sparse_layers"] else "1 (dense)"
+            accuracy = f"{acc[name]:.1%}" if A else "n/a"
             lines.append(f"| {LABELS[name]} | {r['prefill_ms']:.0f} ({ratio(ref['prefill_ms'], r['prefill_ms']):.2f}x) | "
                          f"{r['decode_tok_s']:.2f} ({ratio(r['decode_tok_s'], ref['decode_tok_s']):.2f}x) | "
                          f"{r['ttft_ms']:.0f} ({ratio(ref['ttft_ms'], r['ttft_ms']):.2f}x) | {r['peak_rss_mib']:.0f} | "
-                         f"{r['kept']}/{n_img} | {kn} | {acc[name]:.1%} |" if A else
-                         f"| {LABELS[name]} | {r['prefill_ms']:.0f} ({ratio(ref['prefill_ms'], r['prefill_ms']):.2f}x) | "
-                         f"{r['decode_tok_s']:.2f} ({ratio(r['decode_tok_s'], ref['decode_tok_s']):.2f}x) | "
-                         f"{r['ttft_ms']:.0f} ({ratio(ref['ttft_ms'], r['ttft_ms']):.2f}x) | {r['peak_rss_mib']:.0f} | "
-                         f"{r['kept']}/{n_img} | {kn} | n/a |")
+                         f"{r['kept']}/{n_img} | {kept_neurons_cell(r)} | {accuracy} |")
         both, dense, neur = s["cmx both"], s["cmx dense"], s["cmx neurons"]
         lines += ["", "Medians over repetitions. Peak RSS: VmHWM of the configuration's own worker process (model "
                   "load, the mmap'd weights it touched, buffers, compact FFN copies). "

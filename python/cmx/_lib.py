@@ -23,29 +23,16 @@ logger.setLevel(logging.DEBUG if os.environ.get("CMX_VERBOSE") else logging.CRIT
 
 _LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # enum ggml_log_level
 _last_level = logging.INFO
-_interrupted = False  # a Ctrl-C that arrived inside the callback, where ctypes would drop it
 _c_callback = None  # cmx._core's C callback, as a ctypes function pointer (kept alive here)
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    global _last_level, _interrupted
-    try:
-        lvl = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)  # 5: continuation
-        _last_level = lvl
-        if logger.isEnabledFor(lvl):
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-    except KeyboardInterrupt:
-        _interrupted = True
-
-
-def raise_pending_interrupt() -> None:
-    """Raises the KeyboardInterrupt that reached a log callback during the last llama.cpp / mtmd
-    call (called right after such calls)."""
-    global _interrupted
-    if _interrupted:
-        _interrupted = False
-        raise KeyboardInterrupt
+    global _last_level
+    lvl = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)  # 5: continuation
+    _last_level = lvl
+    if logger.isEnabledFor(lvl):
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
 
 
 def route_logs() -> None:

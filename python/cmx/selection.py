@@ -29,11 +29,11 @@ def divprune(embeddings: np.ndarray, k: int) -> list[int]:
     k = min(k, n)
     if k <= 0:
         return []
+    if n == 1:
+        return [0]
     unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     dist = 1.0 - unit @ unit.T  # (n, n), 0 on the diagonal
     chosen = np.zeros(n, bool)
-    if n == 1:
-        return [0]
     # first: the token whose nearest other token is farthest away
     off_diag = dist + np.diag(np.full(n, np.inf))
     first = int(np.argmax(off_diag.min(axis=1)))

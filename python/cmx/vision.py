@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGUFReader
 
-from . import _lib
 from .images import RGBImage
 
 
@@ -295,7 +294,6 @@ class VisionEncoder:
         # flash_attn=False default); mtmd's own default (auto: flash on CPU) rounds differently
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = mtmd_cpp.mtmd_init_from_file(self.path.encode(), vocab.llama_model, params)
-        _lib.raise_pending_interrupt()
         if not self._ctx:
             raise VisionModelError(f"llama.cpp's mtmd could not load {self.path}")
         if not mtmd_cpp.mtmd_support_vision(self._ctx):
@@ -331,7 +329,6 @@ class VisionEncoder:
             inp = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
             arr = (M.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             rc = M.mtmd_tokenize(self._ctx, chunks_ptr, ctypes.byref(inp), arr, len(bitmaps))
-            _lib.raise_pending_interrupt()
             if rc != 0:
                 raise ValueError(f"mtmd could not tokenize the prompt (error {rc})")
             chunks, next_image = [], 0
@@ -362,7 +359,6 @@ class VisionEncoder:
     def encode(self, chunk: ImageChunk) -> np.ndarray:
         """Image embeddings, float32 [n_tokens, n_embd]."""
         rc = self._M.mtmd_encode_chunk(self._ctx, chunk._chunk)
-        _lib.raise_pending_interrupt()
         if rc != 0:
             raise RuntimeError(f"mtmd failed to encode the image (error {rc})")
         self.n_encodes += 1

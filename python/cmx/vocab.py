@@ -13,7 +13,6 @@ class Vocab:
     def __init__(self, path: str):
         self._llama = llama_cpp.Llama(path, vocab_only=True, verbose=False)
         _lib.route_logs()
-        _lib.raise_pending_interrupt()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
         self.n_vocab = self._llama.n_vocab()
         self.bos = self._llama.token_bos()
