@@ -174,17 +174,24 @@ class AuxHeads(nn.Module):
         self.cover_color = nn.Linear(d, n_c)
         self.centre_shape = nn.Linear(d, n_s)
         self.centre_color = nn.Linear(d, n_c)
+        # Where the covering object sits (its centre's patch column and row): position questions
+        # ("is A left of B") need every patch of an object to carry the object's place, not only
+        # what it is; the CLIP position embeddings alone fade by the last layers.
+        self.object_col = nn.Linear(d, PATCH_GRID)
+        self.object_row = nn.Linear(d, PATCH_GRID)
 
-    def loss(self, h, labels):  # h (B, 576, d) float; labels (B, 4, 576) long
+    def loss(self, h, labels):  # h (B, 576, d) float; labels (B, 6, 576) long (-100: no object)
         h = h.float()
         ws = torch.ones(len(scenes.SHAPES) + 1, device=h.device)
         wc = torch.ones(len(scenes.COLOR_NAMES) + 1, device=h.device)
         ws[0] = wc[0] = 0.1  # background is most patches
-        heads = [(self.cover_shape, None), (self.cover_color, None), (self.centre_shape, ws), (self.centre_color, wc)]
+        heads = [(self.cover_shape, None), (self.cover_color, None), (self.centre_shape, ws), (self.centre_color, wc),
+                 (self.object_col, None), (self.object_row, None)]
         tot = 0.0
         for k, (head, w) in enumerate(heads):
             logits = head(h)
-            tot = tot + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, k].reshape(-1), weight=w)
+            tot = tot + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, k].reshape(-1), weight=w,
+                                        ignore_index=-100)
         return tot / len(heads)
 
 
@@ -192,14 +199,18 @@ class AuxHeads(nn.Module):
 # Data
 
 def patch_labels(scene) -> np.ndarray:
-    """(4, 576) int64: cover shape, cover colour, centre shape, centre colour (0 = none)."""
+    """(6, 576) int64: cover shape, cover colour, centre shape, centre colour (0 = none), then the
+    covering object's centre column and row in patches (-100 = no object: ignored)."""
     lab = scenes.label_map(scene)
     centres = (np.arange(PATCH_GRID) * 14 + 7)
     idx = lab[np.ix_(centres, centres)].reshape(-1).astype(np.int64)  # object index + 1 per patch
     sh = np.array([0] + [scenes.SHAPES.index(o.shape) + 1 for o in scene.objects], np.int64)
     co = np.array([0] + [scenes.COLOR_NAMES.index(o.color) + 1 for o in scene.objects], np.int64)
-    out = np.zeros((4, PATCH_GRID * PATCH_GRID), np.int64)
+    cx = np.array([-100] + [min(int(o.x) // 14, PATCH_GRID - 1) for o in scene.objects], np.int64)
+    cy = np.array([-100] + [min(int(o.y) // 14, PATCH_GRID - 1) for o in scene.objects], np.int64)
+    out = np.zeros((6, PATCH_GRID * PATCH_GRID), np.int64)
     out[0], out[1] = sh[idx], co[idx]
+    out[4], out[5] = cx[idx], cy[idx]
     for o in scene.objects:
         p = min(int(o.y) // 14, PATCH_GRID - 1) * PATCH_GRID + min(int(o.x) // 14, PATCH_GRID - 1)
         out[2, p] = scenes.SHAPES.index(o.shape) + 1
@@ -647,7 +658,9 @@ def main(argv=None):
         load_vision_state(vision, sd)
         aux_sd = {k[len("aux_heads."):]: v.float() for k, v in sd.items() if k.startswith("aux_heads.")}
         if aux_sd:
-            aux.load_state_dict(aux_sd)
+            missing, _ = aux.load_state_dict(aux_sd, strict=False)  # older checkpoints: no position heads
+            if missing:
+                log(f"aux heads new in this run: {sorted(set(k.split('.')[0] for k in missing))}")
         own = lora_state(wrapped)
         lsd = {k: v for k, v in sd.items() if ".lora_" in k}
         if set(lsd) != set(own):
