@@ -86,7 +86,10 @@ PYBIND11_MODULE(_core, mod) {
     mod.def("log_callback_address", []() { return reinterpret_cast<uintptr_t>(&ggml_log_to_stderr); },
             "Address of the C log callback set_ggml_log_level filters (for llama_log_set / mtmd_helper_log_set).");
 
-    py::enum_<TokenScore>(mod, "TokenScore").value("anchor", TokenScore::anchor).value("paper", TokenScore::paper);
+    py::enum_<TokenScore>(mod, "TokenScore")
+        .value("anchor", TokenScore::anchor)
+        .value("paper", TokenScore::paper)
+        .value("fastv", TokenScore::fastv);
     py::class_<SparsityParams>(mod, "SparsityParams", "CoreMatching settings (see cmx.Sparsity, which validates them)")
         .def(py::init<>())
         .def_readwrite("tokens", &SparsityParams::tokens)
@@ -175,7 +178,7 @@ PYBIND11_MODULE(_core, mod) {
             [](Engine &e, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
                py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
                py::array_t<int32_t, py::array::c_style | py::array::forcecast> out_rows, py::object embd,
-               const std::vector<std::tuple<int32_t, int32_t, std::vector<int32_t>>> &images, int anchor_row,
+               const std::vector<py::tuple> &images, int anchor_row,
                std::optional<SparsityParams> sparsity) {
                 Batch b;
                 b.tokens.assign(tokens.data(), tokens.data() + tokens.size());
@@ -184,7 +187,13 @@ PYBIND11_MODULE(_core, mod) {
                 py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
                 set_embeddings(e, b, embd, embd_arr);
                 std::vector<ImageSpan> spans;
-                for (auto &[first, n, keep] : images) spans.push_back({first, n, keep});
+                for (const py::tuple &im : images) {  // (first_row, n_rows, keep[, merge])
+                    if (im.size() != 3 && im.size() != 4)
+                        throw std::invalid_argument("an image is (first_row, n_rows, keep) or (first_row, n_rows, keep, merge)");
+                    ImageSpan s{im[0].cast<int32_t>(), im[1].cast<int32_t>(), im[2].cast<std::vector<int32_t>>(), {}};
+                    if (im.size() == 4) s.merge = im[3].cast<std::vector<std::vector<int32_t>>>();
+                    spans.push_back(std::move(s));
+                }
                 PrefillResult r;
                 {
                     py::gil_scoped_release nogil;
@@ -202,9 +211,10 @@ PYBIND11_MODULE(_core, mod) {
                 return d;
             },
             py::arg("tokens"), py::arg("pos"), py::arg("out_rows"), py::arg("embd") = py::none(),
-            py::arg("images") = std::vector<std::tuple<int32_t, int32_t, std::vector<int32_t>>>{}, py::arg("anchor_row") = -1,
+            py::arg("images") = std::vector<py::tuple>{}, py::arg("anchor_row") = -1,
             py::arg("sparsity") = py::none(),
-            "Prefill a prompt (dense FFNs); with sparsity, CoreMatching prunes each image (first_row, n_rows, forced_keep) "
+            "Prefill a prompt (dense FFNs); with sparsity, CoreMatching prunes each image (first_row, n_rows, forced_keep"
+            "[, merge groups]) "
             "after sparsity.prune_layer and sets the core neurons of later decodes. Returns a dict: logits, kept, "
             "core_neurons, select_ms, stats_ms, compact_ms.")
         .def("set_ffn_neurons", &Engine::set_ffn_neurons, py::arg("per_layer"),

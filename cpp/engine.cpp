@@ -159,7 +159,8 @@ std::vector<float> Engine::decode(const Batch &batch, const Prune &prune) {
     check_keep_rows(prune.keep_rows, batch.tokens.size(), "prune.keep_rows");
     for (int32_t r : batch.out_rows)
         if (r >= (int32_t)prune.keep_rows.size()) throw std::invalid_argument("out_rows index beyond the kept rows");
-    return forward(batch, prune.after_layer, [&](const StageOut &) { return prune.keep_rows; }, true, no_acts, 0.0, true, nullptr);
+    return forward(batch, prune.after_layer, [&](const StageOut &) { return KeepChoice{prune.keep_rows, {}}; }, true, no_acts, 0.0,
+                   true, nullptr);
 }
 
 void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const {
@@ -182,6 +183,16 @@ void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> 
             throw std::invalid_argument("image spans must be non-empty, ascending, disjoint and inside the batch");
         end = im.first_row + (int64_t)im.n_rows;
         if (!im.keep.empty()) check_keep_rows(im.keep, (size_t)im.n_rows, "an image's forced kept tokens");
+        if (!im.merge.empty()) {
+            if (im.merge.size() != im.keep.size()) throw std::invalid_argument("an image's merge groups need one group per forced kept token");
+            for (size_t i = 0; i < im.merge.size(); ++i) {
+                const auto &g = im.merge[i];
+                if (std::find(g.begin(), g.end(), im.keep[i]) == g.end())
+                    throw std::invalid_argument("each merge group must hold its kept token");
+                for (int32_t j : g)
+                    if (j < 0 || j >= im.n_rows) throw std::invalid_argument("merge group index out of the image");
+            }
+        }
         for (int32_t r : batch.out_rows)
             if (r >= im.first_row && r < end) throw std::invalid_argument("logits of image rows cannot be requested when pruning");
     }
@@ -200,48 +211,74 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     validate_sparsity(batch, images, anchor_row, *sp);
     const int K = sp->prune_layer;
     const bool prune = sp->tokens && !images.empty();
+    const bool scored = std::any_of(images.begin(), images.end(), [](const ImageSpan &im) { return im.keep.empty(); });
     std::vector<uint8_t> dense(hp.n_layer, 0), act_use(hp.n_layer, 0);
     for (int l : sp->dense_layers) dense[l] = 1;
     for (int il = 0; il < hp.n_layer; ++il) {
         if (sp->neurons && !dense[il]) act_use[il] |= kStats;
-        if (prune && il == K) act_use[il] |= kCapture | (sp->score == TokenScore::paper ? kStats : 0);
+        if (prune && scored && il == K && sp->score != TokenScore::fastv)
+            act_use[il] |= kCapture | (sp->score == TokenScore::paper ? kStats : 0);
     }
     const int64_t n_ff = hp.n_ff;
     auto block_of = [&](int il) { return ggml_blck_size(model_->layers[il].ffn_down->type); };
 
-    // Core tokens, from the activations at layer K of this batch (and the statistics of every
-    // token layer K holds, for the paper score).
+    // Score of image token j (batch row `row`) at layer K. CoreMatching: how many of the reference
+    // neuron set it activates (the anchor token's activated neurons, or for the paper score the
+    // core neurons of every token layer K holds). FastV: the attention the batch's last row pays
+    // it, averaged over heads; layer K's cache held `base` rows before this batch.
+    const bool fastv = sp->score == TokenScore::fastv;
     ChooseKeep choose = [&](const StageOut &a) {
         auto t0 = std::chrono::steady_clock::now();
         std::vector<uint8_t> ref;  // the neuron set image tokens are matched against
-        if (sp->score == TokenScore::paper) {
+        if (!scored) {
+        } else if (sp->score == TokenScore::paper) {
             ref.assign(n_ff, 0);
             for (int32_t i : core_neurons(cache_->layers[K].stats, n_ff, sp->beta, block_of(K))) ref[i] = 1;
-        } else {
+        } else if (sp->score == TokenScore::anchor) {
             const float *anchor = a.captured.data() + (size_t)anchor_row * n_ff;
             ref.resize(n_ff);
             for (int64_t i = 0; i < n_ff; ++i) ref[i] = anchor[i] > 0.0f;
         }
+        const int64_t base = (int64_t)cache_->layers[K].pos.size() - (int64_t)batch.tokens.size();
+        auto score = [&](int64_t row) {
+            if (!fastv) return (double)count_active_in(a.captured.data() + (size_t)row * n_ff, ref);
+            const int64_t n_kv = a.last_attention_n_kv, n_head = (int64_t)a.last_attention.size() / n_kv;
+            double s = 0.0;
+            for (int64_t h = 0; h < n_head; ++h) s += a.last_attention[(size_t)(h * n_kv + base + row)];
+            return s / (double)n_head;
+        };
+        KeepChoice choice;
+        std::vector<int32_t> kept_of_row(batch.tokens.size(), -1);  // batch row -> its image's kept index
         std::vector<uint8_t> keep_row(batch.tokens.size(), 1);
+        std::vector<const ImageSpan *> image_of_row(batch.tokens.size(), nullptr);
         for (const ImageSpan &im : images) {
             std::vector<int32_t> kept = im.keep;
             if (kept.empty()) {
                 std::vector<double> scores(im.n_rows);
-                for (int32_t j = 0; j < im.n_rows; ++j)
-                    scores[j] = (double)count_active_in(a.captured.data() + (size_t)(im.first_row + j) * n_ff, ref);
+                for (int32_t j = 0; j < im.n_rows; ++j) scores[j] = score(im.first_row + j);
                 kept = select_tokens(scores, sp->budget, sp->min_keep, sp->max_keep);
             }
             std::fill_n(keep_row.begin() + im.first_row, im.n_rows, 0);
-            for (int32_t j : kept) keep_row[im.first_row + j] = 1;
+            for (size_t i = 0; i < kept.size(); ++i) {
+                keep_row[im.first_row + kept[i]] = 1;
+                kept_of_row[im.first_row + kept[i]] = (int32_t)i;
+                image_of_row[im.first_row + kept[i]] = &im;
+            }
             res.kept.push_back(std::move(kept));
         }
-        std::vector<int32_t> rows;
-        for (size_t r = 0; r < keep_row.size(); ++r)
-            if (keep_row[r]) rows.push_back((int32_t)r);
+        for (size_t r = 0; r < keep_row.size(); ++r) {
+            if (!keep_row[r]) continue;
+            choice.rows.push_back((int32_t)r);
+            std::vector<int32_t> group;  // batch rows averaged into this kept row (pooling)
+            if (const ImageSpan *im = image_of_row[r]; im && !im->merge.empty())
+                for (int32_t j : im->merge[kept_of_row[r]]) group.push_back(im->first_row + j);
+            choice.merged.push_back(std::move(group));
+        }
         res.select_ms += ms_since(t0);
-        return rows;
+        return choice;
     };
-    res.logits = forward(batch, prune ? K : -1, prune ? choose : ChooseKeep(), false, act_use, sp->rho, false, &res.stats_ms);
+    res.logits = forward(batch, prune ? K : -1, prune ? choose : ChooseKeep(), false, act_use, sp->rho, false, &res.stats_ms,
+                         prune && scored && fastv ? K : -1);
     for (const ImageSpan &im : images)
         if (!prune) {  // no pruning: every token stays
             std::vector<int32_t> all(im.n_rows);
@@ -266,7 +303,8 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
 }
 
 std::vector<float> Engine::forward(const Batch &batch, int after_layer, const ChooseKeep &choose_keep, bool out_in_kept,
-                                   const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms) {
+                                   const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms,
+                                   int attn_layer) {
     const HParams &hp = model_->hp;
     StageOut out;
     if (after_layer < 0) {
@@ -275,14 +313,27 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
     }
     Batch first = batch;
     first.out_rows.clear();
-    run_stage(first, 0, after_layer + 1, act_use, rho, use_compact, out, stats_ms);
-    const std::vector<int32_t> keep = choose_keep(out);
+    run_stage(first, 0, after_layer + 1, act_use, rho, use_compact, out, stats_ms, attn_layer);
+    const KeepChoice choice = choose_keep(out);
+    const std::vector<int32_t> &keep = choice.rows;
 
-    // The kept rows enter layer after_layer + 1 as hidden states, at their original positions.
+    // The kept rows enter layer after_layer + 1 as hidden states (a merged row: its group's
+    // mean), at their original positions.
     Batch rest;
     std::vector<float> hidden(keep.size() * (size_t)hp.n_embd);
     for (size_t i = 0; i < keep.size(); ++i) {
-        std::copy_n(out.hidden.data() + (size_t)keep[i] * hp.n_embd, hp.n_embd, hidden.data() + i * hp.n_embd);
+        float *dst = hidden.data() + i * hp.n_embd;
+        const std::vector<int32_t> *group = i < choice.merged.size() && !choice.merged[i].empty() ? &choice.merged[i] : nullptr;
+        if (!group) {
+            std::copy_n(out.hidden.data() + (size_t)keep[i] * hp.n_embd, hp.n_embd, dst);
+        } else {
+            std::vector<double> sum(hp.n_embd, 0.0);
+            for (int32_t r : *group) {
+                const float *src = out.hidden.data() + (size_t)r * hp.n_embd;
+                for (int64_t d = 0; d < hp.n_embd; ++d) sum[d] += src[d];
+            }
+            for (int64_t d = 0; d < hp.n_embd; ++d) dst[d] = (float)(sum[d] / (double)group->size());
+        }
         rest.pos.push_back(batch.pos[keep[i]]);
     }
     rest.tokens.assign(keep.size(), -1);
@@ -303,12 +354,12 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
 }
 
 std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
-                                       const std::vector<uint8_t> &act_use, bool use_compact) const {
+                                       const std::vector<uint8_t> &act_use, bool use_compact, int attn_layer) const {
     int64_t n_rows = (int64_t)(end - begin), n_token_rows = 0;
     for (size_t i = begin; i < end; ++i) n_token_rows += batch.tokens[i] >= 0;
     const bool last = end == batch.tokens.size();
     std::vector<int64_t> key = {n_rows, n_token_rows, last ? (int64_t)batch.out_rows.size() : 0, layer_begin, layer_end,
-                                use_compact ? compact_.version() : -1};
+                                use_compact ? compact_.version() : -1, attn_layer};
     const auto &layers = cache_->layers;
     for (int il = layer_begin; il < layer_end; ++il) {
         size_t group = layer_begin;  // first layer with the same cache length: masks and slots are shared
@@ -321,7 +372,7 @@ std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t 
 }
 
 void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const std::vector<uint8_t> &act_use, double rho,
-                       bool use_compact, StageOut &so, double *stats_ms) {
+                       bool use_compact, StageOut &so, double *stats_ms, int attn_layer) {
     const HParams &hp = model_->hp;
     const size_t n = batch.tokens.size(), step = (size_t)params_.n_batch;
     // Logits are read from the graph holding the requested rows, the last one when split.
@@ -345,7 +396,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         std::vector<int32_t> out_rows;  // relative to this graph's rows
         if (last)
             for (int32_t r : batch.out_rows) out_rows.push_back(r - (int32_t)begin);
-        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, use_compact);
+        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, use_compact, attn_layer);
         if (!graph_ || graph_->key != key) {
             graph_.reset();
             auto g = std::make_unique<Graph>();
@@ -356,7 +407,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             Batch shape;  // what the builder reads: row kinds and the number of outputs
             shape.tokens = batch.tokens;
             shape.out_rows = out_rows;
-            GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, use_compact ? &compact_ : nullptr};
+            GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, use_compact ? &compact_ : nullptr, attn_layer};
             g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
             ggml_backend_sched_reset(sched_);
             if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
@@ -412,6 +463,11 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             ggml_backend_tensor_get(go.logits, so.logits.data(), 0, ggml_nbytes(go.logits));
         }
         if (go.hidden) ggml_backend_tensor_get(go.hidden, so.hidden.data() + begin * hp.n_embd, 0, ggml_nbytes(go.hidden));
+        if (go.last_attention && last) {  // the last graph holds the batch's last row
+            so.last_attention.resize(ggml_nelements(go.last_attention));
+            so.last_attention_n_kv = go.last_attention->ne[0];
+            ggml_backend_tensor_get(go.last_attention, so.last_attention.data(), 0, ggml_nbytes(go.last_attention));
+        }
         for (int il = layer_begin; il < layer_end; ++il) {
             LayerCache &lc = cache_->layers[il];
             lc.pos.insert(lc.pos.end(), pos, pos + n_rows);

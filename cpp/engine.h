@@ -61,12 +61,15 @@ struct Prune {
     std::vector<int32_t> keep_rows;
 };
 
-// An image's rows in a prefill batch. `keep` (indices into the image) forces its kept tokens;
-// empty: CoreMatching selects them.
+// An image's rows in a prefill batch. `keep` (indices into the image, ascending) forces its kept
+// tokens; empty: the scores of SparsityParams select them. `merge` (with keep; one group of image
+// indices per kept token, holding it) makes kept token i carry the mean of its group's hidden
+// states after layer K, at its own position: pooling at the place where the others prune.
 struct ImageSpan {
     int32_t first_row = 0;
     int32_t n_rows = 0;
     std::vector<int32_t> keep;
+    std::vector<std::vector<int32_t>> merge;
 };
 
 struct PrefillResult {
@@ -120,21 +123,31 @@ class Engine {
         std::vector<float> logits;    // of out_rows, from the last graph
         std::vector<float> hidden;    // [n_rows][n_embd], when the stage ends before the last layer
         std::vector<float> captured;  // [n_rows][n_ff], activations of the layer flagged kCapture
+        std::vector<float> last_attention;  // [n_head][n_kv]: the attn_layer's weights of the last row
+        int64_t last_attention_n_kv = 0;
+    };
+    // Rows that go on after the pruning layer (ascending batch rows); merged[i], when given and
+    // non-empty, lists the batch rows whose mean hidden state kept row i carries.
+    struct KeepChoice {
+        std::vector<int32_t> rows;
+        std::vector<std::vector<int32_t>> merged;
     };
 
-    // Layers [layer_begin, layer_end) over every row of the batch, in n_batch-row graphs.
+    // Layers [layer_begin, layer_end) over every row of the batch, in n_batch-row graphs;
+    // attn_layer >= 0: also the attention weights of the batch's last row in that layer.
     void run_stage(const Batch &batch, int layer_begin, int layer_end, const std::vector<uint8_t> &act_use,
-                   double rho, bool use_compact, StageOut &out, double *stats_ms);
+                   double rho, bool use_compact, StageOut &out, double *stats_ms, int attn_layer = -1);
     // The whole forward: one stage, or with pruning layers 0..after_layer over every row, then
-    // choose_keep (ascending batch rows) from that stage's output, then the later layers over
-    // the kept rows only. out_rows index the batch (out_in_kept: the kept rows).
-    using ChooseKeep = std::function<std::vector<int32_t>(const StageOut &)>;
+    // choose_keep from that stage's output, then the later layers over the kept rows only.
+    // out_rows index the batch (out_in_kept: the kept rows).
+    using ChooseKeep = std::function<KeepChoice(const StageOut &)>;
     std::vector<float> forward(const Batch &batch, int after_layer, const ChooseKeep &choose_keep, bool out_in_kept,
-                               const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms);
+                               const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms,
+                               int attn_layer = -1);
     void validate(const Batch &batch) const;
     void validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const;
     std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
-                                   const std::vector<uint8_t> &act_use, bool use_compact) const;
+                                   const std::vector<uint8_t> &act_use, bool use_compact, int attn_layer) const;
 
     std::shared_ptr<Model> model_;
     EngineParams params_;

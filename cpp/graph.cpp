@@ -39,7 +39,8 @@ struct Builder {
     }
 
     // Self-attention of n_q new rows over the layer's cache (n_past cached rows + the new ones).
-    ggml_tensor *attention(int il, ggml_tensor *x, ggml_tensor *pos, ggml_tensor *mask) {
+    // `last_attn` (optional) receives the attention weights of the last new row (FastV's score).
+    ggml_tensor *attention(int il, ggml_tensor *x, ggml_tensor *pos, ggml_tensor *mask, ggml_tensor **last_attn = nullptr) {
         const Layer &l = model.layers[il];
         LayerCache &lc = cache.layers[il];
         const int64_t n_q = x->ne[1], D = hp.head_dim, n_kv = mask->ne[0];
@@ -68,6 +69,8 @@ struct Builder {
         ggml_tensor *kq = ggml_mul_mat(ctx, K, q);  // [n_kv, n_q, n_head]
         ggml_prec_set_acc(kq, GGML_PREC_F32);
         kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f / std::sqrt((float)D), 0.0f);
+        if (last_attn)  // the last query's row of every head, copied out before kq is reused
+            *last_attn = ggml_cont(ctx, ggml_view_2d(ctx, kq, n_kv, hp.n_head, kq->nb[2], (n_q - 1) * kq->nb[1]));  // [n_kv, n_head]
         ggml_tensor *kqv = ggml_mul_mat(ctx, V, kq);                 // [D, n_q, n_head]
         kqv = ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3));    // [D, n_head, n_q]
         kqv = ggml_reshape_2d(ctx, kqv, hp.n_embd_q(), n_q);        // [n_embd_q, n_q]
@@ -169,7 +172,15 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         const CompactFfn::Layer *core = spec.compact ? spec.compact->layer(il) : nullptr;
         ggml_tensor *act = nullptr;
 
-        ggml_tensor *h = ggml_add(ctx, x, b.attention(il, b.rms_norm(x, model.layers[il].attn_norm), in.pos, b.mask_for(il, x->ne[1])));
+        ggml_tensor *last_attn = nullptr;
+        ggml_tensor *h = ggml_add(ctx, x, b.attention(il, b.rms_norm(x, model.layers[il].attn_norm), in.pos, b.mask_for(il, x->ne[1]),
+                                                      il == spec.attn_layer ? &last_attn : nullptr));
+        if (last_attn) {
+            out.last_attention = last_attn;
+            ggml_set_name(last_attn, "last_attention");
+            ggml_set_output(last_attn);
+            ggml_build_forward_expand(gf, last_attn);
+        }
         // the last layer's FFN runs only on rows whose logits are wanted (unless its activations are)
         const bool narrow = il == hp.n_layer - 1 && in.out_rows && !collect;
         if (narrow) h = ggml_get_rows(ctx, h, in.out_rows);

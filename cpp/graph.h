@@ -33,6 +33,7 @@ struct GraphOutputs {
     ggml_tensor *logits = nullptr;  // F32 [n_vocab, n_out], when the graph ends at the last layer
     ggml_tensor *hidden = nullptr;  // F32 [n_embd, n_rows], when it ends before the last layer
     std::vector<std::pair<int, ggml_tensor *>> acts;  // (layer, F32 [n_ff, n_rows]): FFN activations
+    ggml_tensor *last_attention = nullptr;  // F32 [n_kv, n_head]: attn_layer's softmax row of the last row
 };
 
 struct GraphSpec {
@@ -41,6 +42,7 @@ struct GraphSpec {
     int layer_begin = 0, layer_end = 0;  // layers run; rows enter layer_begin as tokens or embeddings
     const std::vector<uint8_t> *collect_acts = nullptr;  // per layer: output its FFN activations
     const CompactFfn *compact = nullptr;                 // core-neuron FFN weights (decode)
+    int attn_layer = -1;                                 // output this layer's attention of the last row
 };
 
 // Builds the forward graph over layers [layer_begin, layer_end) into ctx; fills `in`.

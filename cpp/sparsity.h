@@ -10,7 +10,10 @@
 
 namespace cmx {
 
-enum class TokenScore { anchor, paper };
+// How image tokens are scored at layer K: CoreMatching's `anchor` (neurons shared with the anchor
+// token) or `paper` (neurons shared with the prompt's core neurons), or FastV's `fastv` (the
+// attention the batch's last row pays them at layer K, averaged over heads).
+enum class TokenScore { anchor, paper, fastv };
 
 struct SparsityParams {
     bool tokens = true;    // prune image tokens after prune_layer

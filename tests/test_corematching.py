@@ -158,6 +158,25 @@ def test_bad_sparsity_options(engine_factory):
     with pytest.raises(ValueError, match="kept tokens"):
         e.prefill(i32(TOKENS), i32(range(n)), i32([n - 1]), images=[(IMAGE[0], IMAGE[1], [3, 2])], anchor_row=n - 1,
                   sparsity=sparsity())
+    for merge, message in [([[0, 1]], "one group per"), ([[0], [5, 9]], "out of the image"), ([[1], [0]], "hold its kept")]:
+        with pytest.raises(ValueError, match=message):  # pooling's groups
+            e.prefill(i32(TOKENS), i32(range(n)), i32([n - 1]), images=[(IMAGE[0], IMAGE[1], [0, 5], merge)],
+                      anchor_row=n - 1, sparsity=sparsity())
+    with pytest.raises(ValueError, match="an image is"):
+        e.prefill(i32(TOKENS), i32(range(n)), i32([n - 1]), images=[(IMAGE[0], IMAGE[1])], anchor_row=n - 1, sparsity=sparsity())
+
+
+def test_merged_rows_carry_their_groups_mean(engine_factory):
+    """A pooled image token enters layer K + 1 as its group's mean: with groups of one it is the
+    plain forced selection; merging changes the logits."""
+    n = len(TOKENS)
+    keep = [0, 4, 8]
+    plain = prefill(engine_factory(), keep, sparsity(neurons=False))["logits"]
+    run = lambda merge: engine_factory().prefill(  # noqa: E731
+        i32(TOKENS), i32(range(n)), i32([n - 1]), images=[(IMAGE[0], IMAGE[1], keep, merge)], anchor_row=n - 1,
+        sparsity=sparsity(neurons=False))["logits"]
+    assert np.array_equal(run([[0], [4], [8]]), plain)
+    assert np.abs(run([[0, 1, 2], [3, 4, 5], [6, 7, 8]]) - plain).max() > 1e-3
 
 
 # ---------------------------------------------------------------- the user API, with images

@@ -390,6 +390,89 @@ def test_pruned_two_turn_chat_answers_as_a_fresh_prompt_of_the_history(tiny_llav
 
 
 # ---------------------------------------------------------------------------------------------
+# The other selections of the equal-budget comparison, against PyTorch computations of them
+
+
+def test_fastv_keeps_the_tokens_the_last_row_attends_to_most(tiny_llava):
+    """FastV in the engine == the HF model's own attention: at layer K (2), the last prompt row's
+    softmax weights over the image rows, averaged over heads, top k. Ties allowed: a token that
+    differs must score within 1e-5 of the reference's cut."""
+    llava = tiny_llava(4)
+    m = llava.model
+    m.reset()
+    messages = [turn("What is in the picture?", llava.image)]
+    sp = cmx.Sparsity(select="fastv", budget=64, neurons=False)
+    logits = m._prefill_chat(messages, sp)
+    (ours,) = m.last_stats["kept_image_tokens"]
+    ref = reference_for(llava.lm, cmx.Sparsity(tokens=False, neurons=False), llava.n_layer)
+    x, ((first, n),) = prompt_rows(m, ref)
+    with torch.no_grad(), f16_kv_cache():
+        out = llava.lm(inputs_embeds=torch.from_numpy(x)[None], output_attentions=True)
+    K = sp.resolved(llava.n_layer).prune_layer
+    scores = out.attentions[K][0, :, -1, first : first + n].float().mean(0).numpy()  # [n]
+    theirs = np.sort(np.argsort(-scores, kind="stable")[:64])
+    assert len(ours) == 64 and ours == sorted(ours)
+    cut = np.sort(scores)[::-1][63]
+    for j in set(ours) ^ set(theirs.tolist()):
+        assert abs(scores[j] - cut) < 1e-5, f"token {j}: score {scores[j]}, cut {cut}"
+    assert len(set(ours) ^ set(theirs.tolist())) <= 2
+    # and the later layers hold only those image rows
+    assert m._engine.cache_len(K + 1) == len(x) - n + 64
+    assert np.isfinite(logits).all()
+
+
+def test_pool_averages_each_window_after_layer_k(tiny_llava):
+    """Pooling to 8 x 8 windows (64 tokens): the groups are torch's adaptive_avg_pool2d windows,
+    and the logits equal a PyTorch forward that averages each window's hidden states after layer
+    K and goes on with text + pooled rows at the representatives' positions."""
+    from cmx.reference import _LayerKV
+    from cmx.selection import pool_groups
+
+    keep, groups = pool_groups(576, 64)
+    assert len(keep) == len(groups) == 64
+    # membership: adaptive average pooling of a one-hot image of each token's own index
+    onehot = torch.eye(576).reshape(576, 24, 24)
+    weights = torch.nn.functional.adaptive_avg_pool2d(onehot[None], (8, 8))[0].reshape(576, 64)  # token x cell
+    torch_groups = sorted(sorted(np.flatnonzero(weights[:, c].numpy() > 0).tolist()) for c in range(64))
+    assert sorted(groups) == torch_groups
+    assert all(k in g for k, g in zip(keep, groups)) and keep == sorted(keep)
+    assert pool_groups(576, 128)[0].__len__() == 128 and pool_groups(576, 61)[0].__len__() == 60  # 6 x 10 is closest
+
+    llava = tiny_llava(4)
+    m = llava.model
+    m.reset()
+    messages = [turn("What is in the picture?", llava.image)]
+    sp = cmx.Sparsity(select="pool", budget=64, neurons=False)
+    logits = m._prefill_chat(messages, sp)
+    assert m.last_stats["kept_image_tokens"] == [keep]
+    ref = reference_for(llava.lm, cmx.Sparsity(tokens=False, neurons=False), llava.n_layer)
+    x, ((first, n),) = prompt_rows(m, ref)
+    K = sp.resolved(llava.n_layer).prune_layer
+    ref._kv = _LayerKV()
+    rows = np.arange(len(x))
+    h = torch.from_numpy(x)[None]
+    with torch.no_grad(), f16_kv_cache():
+        for il, layer in enumerate(ref.layers):
+            h = ref._run_layer(layer, h, positions=rows)
+            if il == K:
+                pooled = torch.stack([h[0, [first + j for j in g]].mean(0) for g in groups])
+                h = torch.cat([h[0, :first], pooled, h[0, first + n :]])[None]
+                rows = np.concatenate([rows[:first], first + np.asarray(keep), rows[first + n :]])
+        theirs = ref._logits(h[:, -1:])
+    assert m._engine.cache_positions(K + 1) == rows.tolist()
+    assert np.abs(logits - theirs).max() < F16_CACHE_LOGITS
+
+
+def test_selection_options_reach_the_engine_checks():
+    with pytest.raises(ValueError, match="needs tokens=True and budget"):
+        cmx.Sparsity(select="fastv")
+    with pytest.raises(ValueError, match="square grid"):
+        from cmx.selection import pool_groups
+
+        pool_groups(575, 64)
+
+
+# ---------------------------------------------------------------------------------------------
 # SmolLM2-135M (text): core neurons only
 
 

@@ -16,6 +16,7 @@ def core_neurons(acts: npt.ArrayLike, rho: float, beta: float, block: int = 1) -
 class TokenScore:
     anchor: "TokenScore"
     paper: "TokenScore"
+    fastv: "TokenScore"
 
 class SparsityParams:
     tokens: bool
@@ -42,7 +43,7 @@ class Engine:
     def decode(self, tokens: npt.ArrayLike, pos: npt.ArrayLike, out_rows: npt.ArrayLike, embd: npt.ArrayLike | None = None,
                prune_after_layer: int = -1, keep_rows: Sequence[int] | None = None) -> np.ndarray: ...
     def prefill(self, tokens: npt.ArrayLike, pos: npt.ArrayLike, out_rows: npt.ArrayLike, embd: npt.ArrayLike | None = None,
-                images: Sequence[tuple[int, int, Sequence[int]]] = (), anchor_row: int = -1,
+                images: Sequence[tuple[int, int, Sequence[int]] | tuple[int, int, Sequence[int], Sequence[Sequence[int]]]] = (), anchor_row: int = -1,
                 sparsity: SparsityParams | None = None) -> dict[str, Any]: ...
     def set_ffn_neurons(self, per_layer: Sequence[Sequence[int]]) -> None: ...
     def ffn_neurons(self) -> list[list[int]]: ...

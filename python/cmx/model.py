@@ -233,14 +233,15 @@ class Model:
         n = len(rows)
         sp = sparsity.to_core(self.info["n_layer"]) if sparsity is not None else None
         t0 = time.perf_counter()
-        forced = [[] for _ in images]  # kept tokens chosen here instead of by CoreMatching's scores
-        if sparsity is not None and sparsity.tokens and sparsity.select != "corematching":
+        # kept tokens chosen here instead of by the engine's scores (and pooling's groups)
+        spans = [(first, count, []) for first, count in images]
+        if sparsity is not None and sparsity.tokens and sparsity.select in selection.MADE_IN_PYTHON:
             for i, (first, count) in enumerate(images):
                 e0 = int((rows[:first] < 0).sum())  # the image's first row among the embedding rows
-                forced[i] = selection.choose(sparsity.select, embd[e0 : e0 + count], sparsity.budget, sparsity.seed + i)
+                keep, groups = selection.choose(sparsity.select, embd[e0 : e0 + count], sparsity.budget, sparsity.seed + i)
+                spans[i] = (first, count, keep) if groups is None else (first, count, keep, groups)
         r = self._engine.prefill(rows, np.arange(start, start + n, dtype=np.int32), np.array([n - 1], np.int32), embd,
-                                 images=[(first, count, keep) for (first, count), keep in zip(images, forced)],
-                                 anchor_row=anchor_row, sparsity=sp)
+                                 images=spans, anchor_row=anchor_row, sparsity=sp)
         self.last_stats.update(
             prefill_ms=(time.perf_counter() - t0) * 1e3,
             n_prompt=n,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SCORES = ("anchor", "paper")
-SELECTIONS = ("corematching", "random", "divprune")
+SELECTIONS = ("corematching", "fastv", "divprune", "pool", "random")
 
 
 def _fraction(name: str, value, low_open: bool) -> float:
@@ -33,8 +33,10 @@ class Sparsity:
                  default floor of 0.25 is measured: docs/decisions.md, "CoreMatching defaults")
     dense_layers layers whose decode FFN stays dense (None: the first and the last)
     select       which image tokens stay: 'corematching' (the scores above), or for comparisons at
-                 an equal `budget`: 'random' (seeded by `seed`) or 'divprune' (the max-min cosine
-                 diversity subset of the image's embeddings); all prune after `prune_layer`
+                 an equal `budget`: 'fastv' (the most attended by the prompt's last token at layer
+                 K), 'divprune' (the max-min cosine diversity subset of the image's embeddings),
+                 'pool' (the image's token grid average-pooled to about `budget` tokens after
+                 layer K) or 'random' (seeded by `seed`); all cut after `prune_layer`
     seed         the random selection's seed
     """
 
@@ -99,7 +101,7 @@ class Sparsity:
         p = SparsityParams()
         p.tokens, p.neurons, p.rho, p.beta = s.tokens, s.neurons, s.rho, s.beta
         p.prune_layer = s.prune_layer
-        p.score = TokenScore.anchor if s.score == "anchor" else TokenScore.paper
+        p.score = TokenScore.fastv if s.select == "fastv" else getattr(TokenScore, s.score)
         p.budget = s.budget or 0
         p.min_keep, p.max_keep = s.min_keep, s.max_keep
         p.dense_layers = list(s.dense_layers)
