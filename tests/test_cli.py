@@ -79,3 +79,23 @@ def test_ctrl_c_stops_an_answer(capsys):
     assert s.ask("hi", None) == "Hello"
     assert "[stopped]" in capsys.readouterr().out
     assert s.messages[-1] == {"role": "assistant", "content": "Hello"}  # the conversation goes on
+
+
+def test_failed_question_leaves_the_conversation(capsys):
+    """A question the model refuses (prompt too long) is not kept: the next one is asked alone."""
+    from cmx.cli import Session
+
+    class Model:
+        def chat(self, messages, **kw):
+            if len(messages) > 2:
+                raise ValueError("prompt too long")
+            yield "ok"
+
+    args = SimpleNamespace(n_predict=8, temp=0.0, top_k=40, top_p=0.95, seed=None, timings=False)
+    s = Session(Model(), args)
+    assert s.ask("first", None) == "ok"
+    before = list(s.messages)
+    with pytest.raises(ValueError):
+        s.ask("second", None)
+    assert s.messages == before
+    assert capsys.readouterr().out == "ok\n"  # no empty answer line for the refused question

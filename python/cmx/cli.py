@@ -124,7 +124,8 @@ class Session:
         self.messages: list[dict] = []
 
     def ask(self, text: str, image) -> str:
-        """Streams the answer to stdout; Ctrl-C stops it (the partial answer is kept)."""
+        """Streams the answer to stdout; Ctrl-C stops it (the partial answer is kept). A question
+        that fails (prompt too long, ...) leaves the conversation as it was, and the error goes on."""
         self.messages.append(user_message(text, image))
         pieces = []
         try:
@@ -135,10 +136,14 @@ class Session:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
-        finally:
-            sys.stdout.write("\n")
-            answer = "".join(pieces)
-            self.messages.append({"role": "assistant", "content": answer})
+        except BaseException:
+            self.messages.pop()  # else every later question would carry this one (and its image) again
+            if pieces:
+                sys.stdout.write("\n")
+            raise
+        sys.stdout.write("\n")
+        answer = "".join(pieces)
+        self.messages.append({"role": "assistant", "content": answer})
         if self.args.timings:
             print_timings(self.model.last_stats)
         if getattr(self.args, "show_kept", None) and image is not None:
@@ -198,8 +203,7 @@ def repl(session: Session, image) -> int:
             continue
         try:
             session.ask(line, pending)
-        except (OSError, ValueError) as e:
-            session.messages.pop()  # drop the question that failed
+        except (OSError, ValueError) as e:  # the session has dropped the question
             print(f"cmx-chat: error: {e}", file=sys.stderr)
             continue
         pending = None
