@@ -101,13 +101,13 @@ class Turn:
 
 
 def make_schedule(images: list[SoakImage], n_turns: int, seed: int, probe_every: int, warmup_fill: bool = True,
-                  fill_images: int = 6) -> list[Turn]:
+                  fill_images: int = 5) -> list[Turn]:
     """The same turns for a given seed, whatever the answers (overflows are handled as they come).
 
-    warmup_fill: the turns before WARMUP_TURNS (probes aside) fill one conversation to the brim,
-    fill_images images (576 rows each: 6 of them take ~3,700 of n_ctx 4,096) then follow-up
-    questions, so that the longest context of the run, whose size sets RSS (see decisions), is
-    reached before RSS growth is measured."""
+    warmup_fill: the turns before WARMUP_TURNS (probes aside) fill the conversation that the probe
+    of turn 0 began to the brim: fill_images more images (576 rows each: with the probe's, 6 images
+    take ~3,600 of n_ctx 4,096), then follow-up questions, so that the longest context of the run,
+    whose size sets RSS (module docstring), is reached before RSS growth is measured."""
     rng = np.random.default_rng([seed, 0x50A4])
     probe_question = images[HOME].questions[0]
     fill = [i for i in range(len(images)) if i != HOME][:fill_images] if warmup_fill else []
@@ -211,6 +211,7 @@ def run_mode(mode: str, images: list[SoakImage], schedule: list[Turn], n_predict
     records: list[dict] = []
     session, home_image = start_chat(argv)
     rss_loaded = rss_bytes()
+    load_start = os.getloadavg()  # the machine is shared: turns/s depends on what else runs
 
     def ask(turn: Turn):
         """Types the turn's commands and question; yields the lines, returns (answer, overflowed)."""
@@ -255,7 +256,9 @@ def run_mode(mode: str, images: list[SoakImage], schedule: list[Turn], n_predict
         sys.stdin = saved_stdin
     if rc != 0 or len(records) != len(schedule):
         raise RuntimeError(f"cmx-chat exited with {rc} after {len(records)} turns: {term.err.getvalue().strip()}")
-    return {"argv": argv, "rss_after_load_bytes": rss_loaded, "turns": records, "summary": summarize(records)}
+    return {"argv": argv, "rss_after_load_bytes": rss_loaded, "load_average_start": load_start,
+            "load_average_end": os.getloadavg(), "turns": records,
+            "summary": summarize(records)}
 
 
 def summarize(records: list[dict]) -> dict:
