@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <thread>
+#include <unordered_map>
 
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
@@ -23,6 +24,43 @@
 namespace cmx {
 
 const char *arch_name(Arch arch) { return arch == Arch::qwen2 ? "qwen2" : "llama"; }
+
+std::string printable_utf8(const std::string &text) {
+    std::string out;
+    out.reserve(text.size());
+    auto escape = [&out](unsigned char c) {
+        char hex[8];
+        std::snprintf(hex, sizeof hex, "\\x%02x", c);
+        out += hex;
+    };
+    const size_t n = text.size();
+    for (size_t i = 0; i < n;) {
+        const unsigned char c = (unsigned char)text[i];
+        if (c < 0x80) {
+            if (c < 0x20 && c != '\n' && c != '\t') escape(c);
+            else if (c == 0x7f) escape(c);
+            else out += (char)c;
+            ++i;
+            continue;
+        }
+        // the length of a well-formed sequence starting here (0: not one), per RFC 3629
+        size_t len = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+        bool ok = len && i + len <= n;
+        for (size_t k = 1; ok && k < len; ++k) ok = ((unsigned char)text[i + k] & 0xc0) == 0x80;
+        if (ok && len >= 3) {  // no overlong forms, no surrogates, nothing past U+10FFFF
+            const unsigned char c1 = (unsigned char)text[i + 1];
+            ok = !(c == 0xe0 && c1 < 0xa0) && !(c == 0xed && c1 >= 0xa0) && !(c == 0xf0 && c1 < 0x90) && !(c == 0xf4 && c1 >= 0x90);
+        }
+        if (ok) {
+            out.append(text, i, len);
+            i += len;
+        } else {
+            escape(c);
+            ++i;
+        }
+    }
+    return out;
+}
 
 namespace {
 
@@ -116,6 +154,8 @@ HParams read_hparams(const gguf_context *gguf) {
     hp.n_head = (int)m.num(m.key("attention.head_count"), 0, true);
     hp.n_head_kv = (int)m.num(m.key("attention.head_count_kv"), hp.n_head);
     hp.norm_eps = (float)m.num(m.key("attention.layer_norm_rms_epsilon"), 0, true);
+    if (!(std::isfinite(hp.norm_eps) && hp.norm_eps >= 0.0f))  // ggml's rms_norm asserts eps >= 0
+        throw load_error("attention.layer_norm_rms_epsilon is " + std::to_string(hp.norm_eps) + " (a finite eps >= 0 expected)");
     if (hp.n_embd <= 0 || hp.n_ff <= 0 || hp.n_layer <= 0 || hp.n_head <= 0 || hp.n_head_kv <= 0)
         throw load_error("invalid hyperparameters (embedding/feed_forward length, block or head count <= 0)");
     if (hp.n_head % hp.n_head_kv != 0)
@@ -154,6 +194,26 @@ HParams read_hparams(const gguf_context *gguf) {
     return hp;
 }
 
+// cmx.Model reads the tokenizer with llama.cpp's vocabulary loader, which stops the process
+// (GGML_ASSERT) when two entries of tokenizer.ggml.tokens are the same string as it reads them: up
+// to the first NUL byte, an empty one standing for "[EMPTY_<id>]". Refused here first (the engine
+// is loaded before the tokenizer). Other tokenizer defects llama.cpp reports as errors.
+void check_tokens(const gguf_context *gguf) {
+    const int64_t id = gguf_find_key(gguf, "tokenizer.ggml.tokens");
+    if (id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(gguf, id) != GGUF_TYPE_STRING) return;
+    const size_t n = gguf_get_arr_n(gguf, id);
+    std::unordered_map<std::string, size_t> seen;
+    seen.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        std::string word = gguf_get_arr_str(gguf, id, i);  // as llama.cpp reads it: up to a NUL
+        if (word.empty()) word = "[EMPTY_" + std::to_string(i) + "]";
+        auto [it, fresh] = seen.emplace(std::move(word), i);
+        if (!fresh)
+            throw load_error("tokenizer.ggml.tokens holds token " + std::to_string(it->second) + " ('" +
+                             it->first.substr(0, 60) + "') again as token " + std::to_string(i));
+    }
+}
+
 struct TensorCheck {
     const gguf_context *gguf;
     ggml_context *ctx;
@@ -175,6 +235,15 @@ struct TensorCheck {
         if (!ok)
             throw load_error("tensor '" + name + "' has shape " + fmt_shape(t->ne, n) + ", expected " +
                              fmt_shape(shape.data(), (int)shape.size()));
+        // the type the graph can compute with (ggml aborts on the others, mid-evaluation): norms
+        // and biases are added to / multiplied with f32 activations (ggml's binary ops take f32
+        // only there); matrices need the CPU backend's dot product (every backend falls back to
+        // it) and a conversion to f32 (token rows, core-neuron gathering)
+        const ggml_type ty = t->type;
+        if (shape.size() == 1 ? ty != GGML_TYPE_F32
+                              : !ggml_get_type_traits_cpu(ty)->vec_dot || (ty != GGML_TYPE_F32 && !ggml_get_type_traits(ty)->to_float))
+            throw load_error("tensor '" + name + "' has type " + ggml_type_name(ty) + ", which cmx cannot compute with" +
+                             (shape.size() == 1 ? " (a vector must be f32)" : ""));
         size_t end = data_offset + gguf_get_tensor_offset(gguf, id) + ggml_nbytes(t);
         if (end > file_size)
             throw load_error("file is truncated: tensor '" + name + "' ends at byte " + std::to_string(end) +
@@ -364,6 +433,7 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
 
     model->hp = read_hparams(model->gguf);
     HParams &hp = model->hp;
+    check_tokens(model->gguf);
 
     TensorCheck tc{model->gguf, model->ctx_meta, gguf_get_data_offset(model->gguf), file_size};
     const int64_t E = hp.n_embd, F = hp.n_ff, Q = hp.n_embd_q(), KV = hp.n_embd_kv();

@@ -17,10 +17,15 @@
 
 namespace cmx {
 
+// `text` with every byte that is not part of valid UTF-8, and every control character, written
+// as \xNN: messages quote names and values from the file, and Python decodes them as UTF-8 (an
+// invalid byte would turn the error into a UnicodeDecodeError).
+std::string printable_utf8(const std::string &text);
+
 // Raised for anything wrong with a model file: missing, not GGUF, truncated, unsupported
 // architecture, a tensor with the wrong shape or type. Python sees cmx.ModelLoadError.
 struct load_error : std::runtime_error {
-    using std::runtime_error::runtime_error;
+    explicit load_error(const std::string &message) : std::runtime_error(printable_utf8(message)) {}
 };
 
 enum class Arch { llama, qwen2 };
