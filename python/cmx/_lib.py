@@ -58,4 +58,32 @@ def ggml_log_level() -> int:
     return 5
 
 
+def llama_load_error(path: str) -> str:
+    """Why llama.cpp refuses a model file, in its own words: llama-cpp-python reports only
+    "Failed to load model from file", so a vocabulary-only load is repeated with a log callback
+    that keeps llama.cpp's error lines (only on that failure path)."""
+    lines: list[str] = []
+    state = {"error": False}
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level != 5:  # 5: continuation of the previous message
+            state["error"] = level == 4  # GGML_LOG_LEVEL_ERROR
+        if state["error"]:
+            lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if model:
+            llama_cpp.llama_model_free(model)
+    finally:
+        route_logs()
+    # the first error names the cause; the rest are "failed to load model" from the callers
+    first = next((line.strip() for line in "".join(lines).splitlines() if line.strip()), "")
+    return first.split("error loading model: ", 1)[-1] or "no reason logged"
+
+
 route_logs()

@@ -69,20 +69,30 @@ def flatten_messages(messages: Sequence[dict], marker: str | None) -> tuple[list
     return flat, images
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template (tokenizer.chat_template) does not compile, or failed to render."""
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, bos: str, eos: str):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        self._template = env.from_string(source or CHATML)
+        try:
+            self._template = env.from_string(source or CHATML)
+        except jinja2.TemplateError as e:  # a file's template is data: its errors are the file's
+            raise ChatTemplateError(f"the model's chat template is not valid Jinja: {e}") from None
         self._bos, self._eos = bos, eos
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         def raise_exception(message):
-            raise ValueError(f"chat template: {message}")
+            raise ChatTemplateError(f"chat template: {message}")
 
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._bos, eos_token=self._eos, raise_exception=raise_exception,
-        )
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self._bos, eos_token=self._eos, raise_exception=raise_exception,
+            )
+        except jinja2.TemplateError as e:  # undefined names, sandbox refusals, ...
+            raise ChatTemplateError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
 
 
 class EmbeddingCache:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+import struct
 import urllib.parse
 from dataclasses import dataclass
 
@@ -41,9 +42,16 @@ class RGBImage:
         return self.pixels.shape[0]
 
 
-def _open(source) -> Image.Image:
+# What Pillow's decoders raise on corrupt data: OSError ("truncated", "broken data stream"), and
+# from the format plugins' parsing SyntaxError, ValueError, IndexError, KeyError, EOFError and
+# struct.error. Decoding is lazy (later frames, some modes), so to_rgb can meet them too.
+_CORRUPT = (OSError, SyntaxError, ValueError, IndexError, KeyError, EOFError, struct.error)
+
+
+def _open(source) -> tuple[Image.Image, str]:
+    """The decoded image and a name for messages."""
     if isinstance(source, Image.Image):
-        return source
+        return source, "<PIL image>"
     if isinstance(source, (bytes, bytearray)):
         data, name = bytes(source), "<bytes>"
     else:
@@ -78,9 +86,9 @@ def _open(source) -> Image.Image:
         raise ImageError(f"{name}: {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except _CORRUPT as e:
         raise ImageError(f"{name}: corrupt image ({e})") from None
-    return img
+    return img, name
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -102,7 +110,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(source) -> RGBImage:
     """A path, file:// or data: URL, raw bytes or a PIL image -> RGBImage."""
-    img = to_rgb(_open(source))
+    img, name = _open(source)
+    try:
+        img = to_rgb(img)
+    except _CORRUPT as e:
+        raise ImageError(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
     if img.width < 1 or img.height < 1:
         raise ImageError("empty image")
     pixels = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))

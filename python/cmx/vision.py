@@ -14,11 +14,13 @@ trained on what mtmd computes (docs/decisions.md).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFValueType
 
 from .images import RGBImage
 
@@ -118,23 +120,127 @@ _AUDIO_PROJECTORS = {
 }
 
 
-def _field(reader: GGUFReader, key: str):
+class _BadGGUF(Exception):
+    pass
+
+
+_SCALAR_FORMATS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+                   GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+                   GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+                   GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+_MAX_ARRAY = 1 << 16  # an mmproj's arrays are short: layer indices, grid points, mean and std
+_MAX_NAME = 63  # GGML_MAX_NAME - 1
+
+
+class GGUFHeader:
+    """An mmproj's metadata and tensor infos, read with every count and length checked against
+    the file (gguf-py's reader walks arrays element by element without bounds: a corrupt count
+    kept it busy for minutes). fields: key -> (types, value), types as gguf-py names them (an
+    array: (ARRAY, item type)); tensors: name -> (shape in ggml order, ggml type number)."""
+
+    def __init__(self, path: str):
+        self.fields: dict[str, tuple[tuple, object]] = {}
+        self.tensors: dict[str, tuple[list[int], int]] = {}
+        self._size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            self._f, self._buf, self._base, self._pos = f, b"", 0, 0
+            self._parse()
+
+    def _need(self, n: int) -> memoryview:
+        if n < 0 or self._pos + n > self._size:
+            raise _BadGGUF(f"a count or length ({n}) runs past the end of the file")
+        end = self._pos + n
+        if end > self._base + len(self._buf):  # read ahead in chunks of at least 1 MiB
+            self._f.seek(self._base + len(self._buf))
+            self._buf = self._buf[self._pos - self._base :] + self._f.read(max(end - self._base - len(self._buf), 1 << 20))
+            self._base = self._pos
+        view = memoryview(self._buf)[self._pos - self._base : end - self._base]
+        self._pos = end
+        return view
+
+    def _scalar(self, fmt: str):
+        return struct.unpack(fmt, self._need(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> bytes:
+        return bytes(self._need(self._scalar("<Q")))
+
+    def _value(self, vtype: int, in_array: bool = False):
+        try:
+            vtype = GGUFValueType(vtype)
+        except ValueError:
+            raise _BadGGUF(f"unknown value type {vtype}") from None
+        if vtype in _SCALAR_FORMATS:
+            return (vtype,), self._scalar(_SCALAR_FORMATS[vtype])
+        if vtype == GGUFValueType.STRING:
+            return (vtype,), self._string()
+        item, n = self._scalar("<I"), self._scalar("<Q")
+        try:
+            item_type = GGUFValueType(item)
+        except ValueError:
+            raise _BadGGUF(f"unknown array item type {item}") from None
+        if in_array or item_type == GGUFValueType.ARRAY:
+            raise _BadGGUF("an array of arrays")
+        if n > _MAX_ARRAY:
+            raise _BadGGUF(f"an array of {n} elements (an mmproj's arrays are short)")
+        return (vtype, item_type), [self._value(item_type, True)[1] for _ in range(n)]
+
+    def _parse(self) -> None:
+        if bytes(self._need(4)) != b"GGUF":
+            raise _BadGGUF("bad magic")
+        version = self._scalar("<I")
+        if version not in (2, 3):
+            raise _BadGGUF(f"version {version}")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
+        if n_kv * 13 > self._size or n_tensors * 32 > self._size:
+            raise _BadGGUF(f"{n_kv} keys and {n_tensors} tensors cannot fit in {self._size} bytes")
+        for _ in range(n_kv):
+            key = self._string().decode("utf-8", errors="replace")
+            if key in self.fields:
+                raise _BadGGUF(f"key {key!r} appears twice")
+            self.fields[key] = self._value(self._scalar("<I"))
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._scalar("<I")
+            if len(name) > _MAX_NAME or n_dims > 4:
+                raise _BadGGUF(f"tensor info {name[:80]!r} ({n_dims} dimensions)")
+            shape = [self._scalar("<Q") for _ in range(n_dims)]
+            ggml_type, _offset = self._scalar("<I"), self._scalar("<Q")
+            name = name.decode("utf-8", errors="replace")
+            if name in self.tensors:
+                raise _BadGGUF(f"tensor {name!r} appears twice")
+            self.tensors[name] = (shape, ggml_type)
+
+
+def _field(reader: GGUFHeader, key: str):
+    """A metadata value (strings decoded), or None."""
     f = reader.fields.get(key)
-    return f.contents() if f is not None else None
+    if f is None:
+        return None
+    types, value = f
+
+    def text(v):
+        if not isinstance(v, bytes):
+            return v
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise VisionModelError(f"mmproj metadata key {key!r} is not valid UTF-8") from None
+
+    return [text(v) for v in value] if types[0] == GGUFValueType.ARRAY else text(value)
 
 
-def projector_type(reader: GGUFReader) -> str | None:
+def projector_type(reader: GGUFHeader) -> str | None:
     """The image projector's type, read as llama.cpp reads it: ``clip.projector_type``, or
     ``clip.vision.projector_type`` where that is empty (files holding audio and vision)."""
     return _field(reader, "clip.projector_type") or _field(reader, "clip.vision.projector_type") or None
 
 
-def _tensor_shapes(reader: GGUFReader) -> dict[str, list[int]]:
+def _tensor_shapes(reader: GGUFHeader) -> dict[str, list[int]]:
     """name -> shape in ggml order (ne[0] first: for a matrix, ne[0] is the input width)."""
-    return {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+    return {name: list(shape) for name, (shape, _) in reader.tensors.items()}
 
 
-def _uint_field(reader: GGUFReader, key: str, path: str) -> int | None:
+def _uint_field(reader: GGUFHeader, key: str, path: str) -> int | None:
     value = _field(reader, key)
     if value is None:
         return None
@@ -143,7 +249,7 @@ def _uint_field(reader: GGUFReader, key: str, path: str) -> int | None:
     return value
 
 
-def _projection_width(reader: GGUFReader, path: str = "mmproj") -> int:
+def _projection_width(reader: GGUFHeader, path: str = "mmproj") -> int:
     """Output width of the image projector, taken from its tensors as llama.cpp does.
 
     Header keys are not trusted: llama.cpp's legacy converter writes CLIP's own projection_dim
@@ -183,7 +289,7 @@ def _projection_width(reader: GGUFReader, path: str = "mmproj") -> int:
 _LLAVA_GRAPH = {"mlp", "ldp", "ldpv2", "adapter"}
 
 
-def _check_vit_tower(reader: GGUFReader, ptype: str, path: str) -> None:
+def _check_vit_tower(reader: GGUFHeader, ptype: str, path: str) -> None:
     """The tower's header keys against the tensors they describe, for the llava-graph projectors.
 
     mtmd builds its graph from clip.vision.embedding_length, attention.head_count (head_dim),
@@ -233,12 +339,122 @@ def _check_vit_tower(reader: GGUFReader, ptype: str, path: str) -> None:
             expect(name, 1, d_head * n_head, "attention.head_count x head size")
         expect(f"v.blk.{il}.attn_out.weight", 0, d_head * n_head, "attention.head_count x head size")
         expect(f"v.blk.{il}.attn_out.weight", 1, n_embd, width)
+    layers = _field(reader, "clip.vision.feature_layer") or []
+    deepest = max([v for v in layers if isinstance(v, int)], default=-1)
+    if deepest > keys["block_count"]:  # mtmd's graph would run layers the file does not have
+        raise VisionModelError(f"{path}: clip.vision.feature_layer {deepest} is past the {keys['block_count']} blocks of the tower")
     if ptype == "mlp":
         # the projector's input: the tower's output, or the outputs of the feature layers side by side
-        layers = _field(reader, "clip.vision.feature_layer") or []
         n_stacked = len({v for v in layers if isinstance(v, int) and v >= 0})
         expect("mm.0.weight", 0, n_embd * max(n_stacked, 1),
                width + (f" x {n_stacked} feature layers" if n_stacked > 1 else ""))
+    _check_vit_shapes_and_types(reader, ptype, path, n_embd, d_head * n_head, keys["block_count"])
+
+
+# ggml types whose matrices the CPU backend multiplies (it has their dot product); the others
+# (integers, f64, the q8_1 / q8_K activation formats) abort mid-graph
+_MATMUL_TYPES = {0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 30, 34, 35, 39, 40, 41, 42}
+
+
+def _check_vit_shapes_and_types(reader: GGUFHeader, ptype: str, path: str, n_embd: int, n_qkv: int, n_block: int) -> None:
+    """The ViT's other tensors and the MLP projector, where mtmd's graph would stop the process
+    (GGML_ASSERT on a matrix product, or no backend for an op) rather than refuse the file:
+    shapes that chain, vectors (norms, biases) in f32 as the graph adds them to f32 activations,
+    the patch convolution in f16/f32, matrices of a type the CPU backend multiplies."""
+    shapes = {name: shape + [1] * (4 - len(shape)) for name, (shape, _) in reader.tensors.items()}
+
+    def exact(name: str, want: list[int]) -> None:
+        if name in shapes and shapes[name] != want + [1] * (4 - len(want)):
+            raise VisionModelError(f"{path}: tensor {name!r} has shape {shapes[name][:max(len(want), 1)]}, "
+                                   f"the vision tower needs {want}")
+
+    E = n_embd
+    for name in ("v.patch_embd.bias", "v.class_embd", "v.pre_ln.weight", "v.pre_ln.bias", "v.post_ln.weight", "v.post_ln.bias"):
+        exact(name, [E])
+    if "v.patch_embd.weight" in shapes and shapes["v.patch_embd.weight"][2] != 3:
+        raise VisionModelError(f"{path}: 'v.patch_embd.weight' convolves {shapes['v.patch_embd.weight'][2]} channels, not RGB's 3")
+    if "v.position_embd.weight" in shapes and shapes["v.position_embd.weight"][2:] != [1, 1]:
+        raise VisionModelError(f"{path}: 'v.position_embd.weight' has shape {shapes['v.position_embd.weight']}, not a matrix")
+    for il in range(n_block):
+        p = f"v.blk.{il}."
+        for part in ("attn_q", "attn_k", "attn_v"):
+            exact(p + part + ".bias", [n_qkv])
+        exact(p + "attn_out.bias", [E])
+        for part in ("ln1", "ln2"):
+            exact(p + part + ".weight", [E])
+            exact(p + part + ".bias", [E])
+        up, down = p + "ffn_up", p + "ffn_down"
+        if down + ".weight" in shapes and shapes[down + ".weight"][0] == E:  # legacy naming: llama.cpp swaps them
+            up, down = down, up
+        if up + ".weight" in shapes and down + ".weight" in shapes:
+            n_ff = shapes[up + ".weight"][1]
+            exact(up + ".weight", [E, n_ff])
+            exact(down + ".weight", [n_ff, E])
+            exact(p + "ffn_gate.weight", [E, n_ff])
+            exact(up + ".bias", [n_ff])
+            exact(down + ".bias", [E])
+    if ptype == "mlp" and "mm.3.weight" not in shapes and "mm.0.weight" in shapes and "mm.2.weight" in shapes:
+        hidden = shapes["mm.0.weight"][1]
+        exact("mm.0.weight", [shapes["mm.0.weight"][0], hidden])
+        exact("mm.0.bias", [hidden])
+        exact("mm.2.weight", [hidden, shapes["mm.2.weight"][1]])
+        exact("mm.2.bias", [shapes["mm.2.weight"][1]])
+    for name, (shape, ggml_type) in reader.tensors.items():
+        if name == "v.position_embd.weight":  # rows taken with get_rows: converted to f32
+            ok, want = ggml_type in _MATMUL_TYPES, "a type ggml reads rows of"
+        elif len([d for d in shape if d != 1]) <= 1 and name != "v.patch_embd.weight":
+            ok, want = ggml_type == 0, "f32"
+        elif name == "v.patch_embd.weight":
+            ok, want = ggml_type in (0, 1), "f32 or f16"
+        else:
+            ok, want = ggml_type in _MATMUL_TYPES, "a type ggml multiplies"
+        if not ok:
+            raise VisionModelError(f"{path}: tensor {name!r} has ggml type {ggml_type}, the vision tower needs {want}")
+
+
+# Keys that llama.cpp's clip loader reads with gguf_get_val_<type>, which stops the process
+# (GGML_ASSERT) when the file stores the key with another type; checked here first. From
+# tools/mtmd/clip.cpp of llama-cpp-python 0.3.36 (its arrays are type-checked by clip itself).
+_CLIP_KEY_TYPES: dict[str, GGUFValueType] = {
+    "general.name": GGUFValueType.STRING,
+    "general.description": GGUFValueType.STRING,
+    "clip.has_vision_encoder": GGUFValueType.BOOL,
+    "clip.has_audio_encoder": GGUFValueType.BOOL,
+    "clip.has_gen_audio_encoder": GGUFValueType.BOOL,
+    "clip.use_gelu": GGUFValueType.BOOL,
+    "clip.use_silu": GGUFValueType.BOOL,
+    "clip.projector_type": GGUFValueType.STRING,
+    "clip.vision.projector_type": GGUFValueType.STRING,
+    "clip.audio.projector_type": GGUFValueType.STRING,
+    "clip.gen.audio.projector_type": GGUFValueType.STRING,
+    "clip.gen.audio.model_variant": GGUFValueType.STRING,
+    "clip.vision.mm_patch_merge_type": GGUFValueType.STRING,
+    "clip.minicpmv_version": GGUFValueType.INT32,
+    "clip.vision.swiglu_clamp": GGUFValueType.FLOAT32,
+    **{f"clip.{m}.attention.layer_norm_epsilon": GGUFValueType.FLOAT32 for m in ("vision", "audio", "gen.audio")},
+    **{f"clip.{m}.{k}": GGUFValueType.UINT32 for m in ("vision", "audio", "gen.audio") for k in (
+        "attention.head_count", "attention.head_count_kv", "attention.head_dim", "block_count", "embedding_length",
+        "feed_forward_length", "projection_dim")},
+    **{k: GGUFValueType.UINT32 for k in (
+        "clip.minicpmv_query_num", "clip.audio.chunk_size", "clip.audio.conv_kernel_size", "clip.audio.local_block_count",
+        "clip.audio.local_group_size", "clip.audio.max_pos_emb", "clip.audio.num_mel_bins",
+        "clip.audio.projector.downsample_rate", "clip.audio.projector.head_count", "clip.audio.projector.stack_factor",
+        "clip.audio.projector.window_size", "clip.audio.rvq.num_quantizers", "clip.audio.subsampling_factor",
+        "clip.audio.window_size", "clip.vision.expert_used_count", "clip.vision.image_max_pixels",
+        "clip.vision.image_min_pixels", "clip.vision.image_size", "clip.vision.n_wa_pattern", "clip.vision.patch_size",
+        "clip.vision.preproc_image_size", "clip.vision.preproc_max_tiles", "clip.vision.preproc_min_tiles",
+        "clip.vision.projector.query_side", "clip.vision.projector.scale_factor", "clip.vision.projector.window_side",
+        "clip.vision.sam.block_count", "clip.vision.sam.embedding_length", "clip.vision.sam.head_count",
+        "clip.vision.spatial_merge_size", "clip.vision.window_size")},
+}
+
+
+def _check_key_types(reader: GGUFHeader, path: str) -> None:
+    for key, want in _CLIP_KEY_TYPES.items():
+        f = reader.fields.get(key)
+        if f is not None and f[0] != (want,):
+            got = "/".join(t.name for t in f[0])
+            raise VisionModelError(f"{path}: {key} is stored as {got}, llama.cpp reads it as {want.name}")
 
 
 def inspect_mmproj(path: str) -> dict:
@@ -246,16 +462,19 @@ def inspect_mmproj(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"mmproj file not found: {path}")
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/struct errors/IndexError on garbage
-        raise VisionModelError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
-    arch = reader.fields.get("general.architecture")
-    arch = arch.contents() if arch is not None else None
+        reader = GGUFHeader(path)
+    except (_BadGGUF, struct.error) as e:
+        raise VisionModelError(f"{path} is not a valid GGUF file ({e})") from None
+    _check_key_types(reader, path)
+    arch = _field(reader, "general.architecture")
     if arch != "clip":
         raise VisionModelError(f"{path} is not an mmproj file (general.architecture is {arch!r}, expected 'clip')")
-    has_vision = reader.fields.get("clip.has_vision_encoder")
-    if has_vision is not None and not has_vision.contents():
+    has_vision = _field(reader, "clip.has_vision_encoder")
+    if has_vision is not None and not has_vision:
         raise VisionModelError(f"{path} has no vision encoder")
+    eps = _field(reader, "clip.vision.attention.layer_norm_epsilon")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):  # ggml's norms assert eps >= 0
+        raise VisionModelError(f"{path}: clip.vision.attention.layer_norm_epsilon is {eps}, not a finite eps >= 0")
     ptype = projector_type(reader)
     if ptype in _LLAVA_GRAPH:
         _check_vit_tower(reader, ptype, path)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import jinja2
 import llama_cpp
 
 from . import _lib
+from ._core import ModelLoadError
+from .chat import ChatTemplateError
 
 
 class Vocab:
     """The model file's vocabulary. Owns a vocab-only llama.cpp model (no weights are read)."""
 
     def __init__(self, path: str):
-        self._llama = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+        try:
+            self._llama = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+        except jinja2.TemplateError as e:  # llama-cpp-python compiles the file's chat templates
+            raise ChatTemplateError(f"{path}: the chat template is not valid Jinja: {e}") from None
+        except ValueError as e:
+            if "Failed to load model" not in str(e):
+                raise
+            raise ModelLoadError(f"llama.cpp cannot read the vocabulary of {path}: {_lib.llama_load_error(path)}") from None
         _lib.route_logs()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
         self.n_vocab = self._llama.n_vocab()
