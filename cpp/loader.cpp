@@ -143,7 +143,7 @@ HParams read_hparams(const gguf_context *gguf) {
     } else {
         throw load_error("unsupported architecture '" + hp.arch_name + "' (cmx supports: llama, qwen2)");
     }
-    hp.name = general.str("general.name", "");
+    hp.name = printable_utf8(general.str("general.name", ""));  // shown in Model.info: a Python str
     hp.file_type = (uint32_t)general.num("general.file_type", 0);
 
     Meta m(gguf, hp.arch_name);

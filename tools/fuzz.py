@@ -950,23 +950,32 @@ def make_case(kind: str, index: int, seed: int, inputs: Inputs) -> Case:
 # Running a case (in a worker or a --one child)
 
 
+def scratch_dirs(workdir: str, pid: int) -> tuple[str, str]:
+    """Where the child `pid` writes its case files: tmpfs, and the workdir for SmolLM2's sparse
+    file (reading its hole through a mapping costs half what it does on tmpfs: 85 vs 160 ms for a
+    two-token decode)."""
+    return os.path.join(SCRATCH or workdir, f"cmx-fuzz-{pid}"), os.path.join(workdir, f"scratch-{pid}")
+
+
+def remove_scratch(workdir: str, pid: int) -> None:
+    """A child's case files, once it is gone (a crashed or killed one could not remove them)."""
+    import shutil
+
+    for d in scratch_dirs(workdir, pid):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 class Runner:
     def __init__(self, workdir: str, seed: int):
         self.workdir, self.seed = workdir, seed
         self.inputs = Inputs(workdir)
-        self.scratch = os.path.join(SCRATCH or workdir, f"cmx-fuzz-{os.getpid()}")
-        # SmolLM2's sparse file lives on disk: reading its hole through a mapping costs half what
-        # it costs on tmpfs (85 vs 160 ms for a two-token decode)
-        self.scratch_disk = os.path.join(workdir, f"scratch-{os.getpid()}")
+        self.scratch, self.scratch_disk = scratch_dirs(workdir, os.getpid())
         for d in (self.scratch, self.scratch_disk):
             os.makedirs(d, exist_ok=True)
         self._vocab = self._vision = self._chat_model = None
 
     def close(self) -> None:
-        import shutil
-
-        for d in (self.scratch, self.scratch_disk):
-            shutil.rmtree(d, ignore_errors=True)
+        remove_scratch(self.workdir, os.getpid())
 
     # shared, lazily built objects
     def vocab(self):
@@ -1201,11 +1210,18 @@ class Worker:
         self.started = time.monotonic()
         self.proc.stdin.write(f"{kind} {index}\n".encode())
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Ends the worker: at once, or after `grace` seconds for it to finish on its own."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.poll() is None:
             self.proc.kill()
-        if self.proc:
-            self.proc.wait()
+        self.proc.wait()
+        remove_scratch(self.args.workdir, self.proc.pid)
 
 
 def confirm(args, kind: str, index: int, history: list) -> dict:
@@ -1213,17 +1229,21 @@ def confirm(args, kind: str, index: int, history: list) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, str(index), "--seed", str(args.seed),
            "--workdir", args.workdir, "--memory-gib", str(args.memory_gib)]
     t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
     try:
-        p = subprocess.run(cmd, capture_output=True, timeout=args.timeout * 2, env=child_env())
-    except subprocess.TimeoutExpired as e:
-        stderr = (e.stderr or b"")[-1500:].decode(errors="replace")
-        return {"outcome": "hang", "stderr": stderr, "ms": round((time.perf_counter() - t0) * 1e3)}
-    stderr = p.stderr[-1500:].decode(errors="replace")
+        stdout, stderr = p.communicate(timeout=args.timeout * 2)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, stderr = p.communicate()
+        remove_scratch(args.workdir, p.pid)
+        return {"outcome": "hang", "stderr": stderr[-1500:].decode(errors="replace"), "ms": round((time.perf_counter() - t0) * 1e3)}
+    remove_scratch(args.workdir, p.pid)
+    stderr = stderr[-1500:].decode(errors="replace")
     if p.returncode < 0:
         return {"outcome": "crash", "signal": -p.returncode, "stderr": stderr, "ms": round((time.perf_counter() - t0) * 1e3)}
     if p.returncode != 0:
         return {"outcome": "crash", "exit_code": p.returncode, "stderr": stderr}
-    result = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    result = json.loads(stdout.decode().strip().splitlines()[-1])
     result["alone"] = result.pop("outcome")
     result["history"] = history
     return result
@@ -1375,8 +1395,9 @@ def parent_main(args) -> dict:
     finally:
         for w in workers:
             if w.proc and w.proc.poll() is None:
-                w.proc.stdin.close()
-            w.stop()
+                w.proc.stdin.close()  # the worker's loop ends: it removes its files and exits
+        for w in workers:
+            w.stop(grace=10.0)
         save_state()
         out.close()
     summary = summarize(args, results, state["elapsed_s"])

@@ -249,6 +249,16 @@ def _uint_field(reader: GGUFHeader, key: str, path: str) -> int | None:
     return value
 
 
+def _int_list(reader: GGUFHeader, key: str, path: str) -> list[int]:
+    """An array of integers ([] when the key is absent)."""
+    value = _field(reader, key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise VisionModelError(f"{path}: {key} is {value!r:.80}, not an array of integers")
+    return value
+
+
 def _projection_width(reader: GGUFHeader, path: str = "mmproj") -> int:
     """Output width of the image projector, taken from its tensors as llama.cpp does.
 
@@ -272,7 +282,7 @@ def _projection_width(reader: GGUFHeader, path: str = "mmproj") -> int:
         return shape[axis]
 
     if ptype == "granite4_vision":
-        layers = _field(reader, "clip.vision.feature_layer") or []
+        layers = _int_list(reader, "clip.vision.feature_layer", path)
         return len(layers) * (_uint_field(reader, "clip.vision.projection_dim", path) or 0)
     name, axis = _PROJECTOR_WIDTH[ptype]
     if ptype == "mlp" and "mm.3.weight" in shapes:
@@ -339,13 +349,13 @@ def _check_vit_tower(reader: GGUFHeader, ptype: str, path: str) -> None:
             expect(name, 1, d_head * n_head, "attention.head_count x head size")
         expect(f"v.blk.{il}.attn_out.weight", 0, d_head * n_head, "attention.head_count x head size")
         expect(f"v.blk.{il}.attn_out.weight", 1, n_embd, width)
-    layers = _field(reader, "clip.vision.feature_layer") or []
-    deepest = max([v for v in layers if isinstance(v, int)], default=-1)
+    layers = _int_list(reader, "clip.vision.feature_layer", path)
+    deepest = max(layers, default=-1)
     if deepest > keys["block_count"]:  # mtmd's graph would run layers the file does not have
         raise VisionModelError(f"{path}: clip.vision.feature_layer {deepest} is past the {keys['block_count']} blocks of the tower")
     if ptype == "mlp":
         # the projector's input: the tower's output, or the outputs of the feature layers side by side
-        n_stacked = len({v for v in layers if isinstance(v, int) and v >= 0})
+        n_stacked = len({v for v in layers if v >= 0})
         expect("mm.0.weight", 0, n_embd * max(n_stacked, 1),
                width + (f" x {n_stacked} feature layers" if n_stacked > 1 else ""))
     _check_vit_shapes_and_types(reader, ptype, path, n_embd, d_head * n_head, keys["block_count"])

@@ -18,6 +18,8 @@ class Vocab:
             self._llama = llama_cpp.Llama(path, vocab_only=True, verbose=False)
         except jinja2.TemplateError as e:  # llama-cpp-python compiles the file's chat templates
             raise ChatTemplateError(f"{path}: the chat template is not valid Jinja: {e}") from None
+        except UnicodeDecodeError as e:  # llama-cpp-python decodes metadata and special tokens strictly
+            raise ModelLoadError(f"{path}: a metadata value or special token is not valid UTF-8 ({e})") from None
         except ValueError as e:
             if "Failed to load model" not in str(e):
                 raise
