@@ -403,6 +403,12 @@ def _check_vit_shapes_and_types(reader: GGUFHeader, ptype: str, path: str, n_emb
             exact(p + "ffn_gate.weight", [E, n_ff])
             exact(up + ".bias", [n_ff])
             exact(down + ".bias", [E])
+    if ptype == "mlp":  # tensors mtmd's loader takes as optional but its graph uses when it runs
+        needed = [f"mm.{i}.{part}" for i in (0, 1, 3, 4) for part in ("weight", "bias")] if "mm.3.weight" in shapes else \
+            ["mm.0.weight", "mm.0.bias"] + (["mm.2.bias"] if "mm.2.weight" in shapes else [])
+        for name in needed:
+            if name not in shapes:
+                raise VisionModelError(f"{path}: the 'mlp' projector has no tensor {name!r}")
     if ptype == "mlp" and "mm.3.weight" not in shapes and "mm.0.weight" in shapes and "mm.2.weight" in shapes:
         hidden = shapes["mm.0.weight"][1]
         exact("mm.0.weight", [shapes["mm.0.weight"][0], hidden])
