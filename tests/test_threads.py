@@ -114,3 +114,24 @@ def test_keyboard_interrupt_during_a_call_leaves_the_model_usable(pair):
         # a follow-up in the same conversation and a fresh one both answer as a fresh model would
         assert m.chat(question(images[0]), max_tokens=8) == want
     assert interrupted >= 1
+
+
+def test_interrupt_right_after_a_free_does_not_free_twice():
+    """A KeyboardInterrupt can be raised as soon as any call returns: one landing between
+    mtmd_input_chunks_free and the pointer's reset made Prompt.__del__ free the chunk list again
+    (a crash found by tools/sanitize.sh in the test above)."""
+    from cmx.vision import Prompt
+
+    class Mtmd:
+        freed = []
+
+        def mtmd_input_chunks_free(self, ptr):
+            self.freed.append(ptr)
+            if len(self.freed) == 1:
+                raise KeyboardInterrupt  # as if Ctrl-C landed right after the free returned
+
+    prompt = Prompt(Mtmd(), 1234, [])
+    with pytest.raises(KeyboardInterrupt):
+        prompt.close()
+    prompt.close()  # what __del__ does
+    assert Mtmd.freed == [1234]

@@ -50,9 +50,12 @@ class Prompt:
         self.chunks = chunks
 
     def close(self) -> None:
-        if self._ptr:
-            self._mtmd.mtmd_input_chunks_free(self._ptr)
-            self._ptr = None
+        # the pointer is dropped before the free: a KeyboardInterrupt can be raised right after
+        # any call returns, and one raised between the free and the reset made __del__ free the
+        # list a second time (a crash under tools/sanitize.sh, tests/test_threads.py)
+        ptr, self._ptr = self._ptr, None
+        if ptr:
+            self._mtmd.mtmd_input_chunks_free(ptr)
 
     def __del__(self):
         self.close()
@@ -538,9 +541,9 @@ class VisionEncoder:
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
 
     def close(self) -> None:
-        if self._ctx:
-            self._M.mtmd_free(self._ctx)
-            self._ctx = None
+        ctx, self._ctx = self._ctx, None  # dropped before the free (see Prompt.close)
+        if ctx:
+            self._M.mtmd_free(ctx)
 
     def __del__(self):
         self.close()
@@ -582,8 +585,8 @@ class VisionEncoder:
                     next_image += 1
                 else:
                     raise ValueError("only text and image inputs are supported")
-            prompt = Prompt(M, chunks_ptr, chunks)
-            chunks_ptr = None
+            prompt = Prompt(M, None, chunks)
+            prompt._ptr, chunks_ptr = chunks_ptr, None  # one owner at any point (see Prompt.close)
             return prompt
         finally:
             for bmp in bitmaps:
