@@ -195,10 +195,17 @@ HParams read_hparams(const gguf_context *gguf) {
 }
 
 // cmx.Model reads the tokenizer with llama.cpp's vocabulary loader, which stops the process
-// (GGML_ASSERT) when two entries of tokenizer.ggml.tokens are the same string as it reads them: up
-// to the first NUL byte, an empty one standing for "[EMPTY_<id>]". Refused here first (the engine
-// is loaded before the tokenizer). Other tokenizer defects llama.cpp reports as errors.
-void check_tokens(const gguf_context *gguf) {
+// (GGML_ASSERT) when two entries of tokenizer.ggml.tokens are the same string as it reads them (up
+// to the first NUL byte, an empty one standing for "[EMPTY_<id>]"), and whose vocabulary of type
+// "none" asserts in the first call llama-cpp-python makes. Refused here first (the engine is
+// loaded before the tokenizer). Other tokenizer defects llama.cpp reports as errors.
+void check_tokenizer(const gguf_context *gguf) {
+    const int64_t model_id = gguf_find_key(gguf, "tokenizer.ggml.model");
+    if (model_id >= 0 && gguf_get_kv_type(gguf, model_id) == GGUF_TYPE_STRING) {
+        const std::string kind = gguf_get_val_str(gguf, model_id);
+        if (kind == "none" || kind == "no_vocab")
+            throw load_error("the file has no vocabulary (tokenizer.ggml.model is '" + kind + "'): cmx needs the model's tokenizer");
+    }
     const int64_t id = gguf_find_key(gguf, "tokenizer.ggml.tokens");
     if (id < 0 || gguf_get_kv_type(gguf, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(gguf, id) != GGUF_TYPE_STRING) return;
     const size_t n = gguf_get_arr_n(gguf, id);
@@ -433,7 +440,12 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
 
     model->hp = read_hparams(model->gguf);
     HParams &hp = model->hp;
-    check_tokens(model->gguf);
+    check_tokenizer(model->gguf);
+    // a block has 9 tensors at least: a block_count the file cannot hold is refused before
+    // anything is sized by it (2^31 blocks: a bad_alloc)
+    if ((int64_t)hp.n_layer * 9 > gguf_get_n_tensors(model->gguf))
+        throw load_error(hp.arch_name + ".block_count is " + std::to_string(hp.n_layer) + " but the file holds " +
+                         std::to_string(gguf_get_n_tensors(model->gguf)) + " tensors");
 
     TensorCheck tc{model->gguf, model->ctx_meta, gguf_get_data_offset(model->gguf), file_size};
     const int64_t E = hp.n_embd, F = hp.n_ff, Q = hp.n_embd_q(), KV = hp.n_embd_kv();
