@@ -2,7 +2,7 @@
 # Builds cmx._core with AddressSanitizer + UndefinedBehaviorSanitizer (CMake option CMX_SANITIZE)
 # and runs the test suite against it; fails on a test failure or on any sanitizer report.
 #
-#   tools/sanitize.sh                              # the whole suite (pytest -q tests)
+#   tools/sanitize.sh                              # the whole suite (pytest -q tests; ~20-25 min on 2 cores)
 #   tools/sanitize.sh tests/test_vision.py -x      # arguments replace "tests" in the pytest call
 #
 # The build goes to build/sanitize (CMX_SANITIZE_BUILD=DIR to change it). The installed cmx is
