@@ -11,6 +11,10 @@ from .sparsity import Sparsity  # noqa: E402  (pure Python)
 # The engine (cmx.Model) needs the compiled extension; it is imported lazily so that pure-Python
 # parts (scene generator, exporter) import without it.
 def __getattr__(name):
+    if name == "ChatTemplateError":  # a model file's chat template that cannot be used
+        from .chat import ChatTemplateError
+
+        return ChatTemplateError
     if name in _ENGINE_NAMES:
         from . import model
 
@@ -19,4 +23,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_ENGINE_NAMES))
+    return sorted(list(globals()) + list(_ENGINE_NAMES) + ["ChatTemplateError"])
