@@ -101,7 +101,10 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("budget", &SparsityParams::budget)
         .def_readwrite("min_keep", &SparsityParams::min_keep)
         .def_readwrite("max_keep", &SparsityParams::max_keep)
-        .def_readwrite("dense_layers", &SparsityParams::dense_layers);
+        .def_readwrite("dense_layers", &SparsityParams::dense_layers)
+        .def_readwrite("thresholds", &SparsityParams::thresholds)
+        .def_readwrite("neuron_order", &SparsityParams::neuron_order)
+        .def_readwrite("short_prompt_tokens", &SparsityParams::short_prompt_tokens);
 
     // The selection rules on their own, for tests against cmx.reference.
     mod.def("select_tokens", &select_tokens, py::arg("scores"), py::arg("budget") = 0, py::arg("min_keep") = 0.0,
@@ -118,6 +121,19 @@ PYBIND11_MODULE(_core, mod) {
         },
         py::arg("acts"), py::arg("rho"), py::arg("beta"), py::arg("block") = 1,
         "Core neurons (ascending) of tokens' FFN activations [n_tokens, n_ff].");
+    mod.def(
+        "core_neurons_above",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> acts, double rho, float tau, double beta, int64_t block) {
+            if (acts.ndim() != 2 || acts.shape(0) == 0) throw std::invalid_argument("acts must be [n_tokens, n_ff]");
+            if (!(rho > 0 && rho <= 1) || !(beta > 0 && beta <= 1) || block <= 0 || std::isnan(tau))
+                throw std::invalid_argument("need rho, beta in (0, 1], block > 0 and a tau");
+            NeuronStats st;
+            st.set_mode(rho, tau);
+            st.append_above(acts.data(), acts.shape(1), acts.shape(0), 1);
+            return core_neurons(st, acts.shape(1), beta, block);
+        },
+        py::arg("acts"), py::arg("rho"), py::arg("tau"), py::arg("beta"), py::arg("block") = 1,
+        "Core neurons (ascending) in threshold mode: each token's neurons with a > tau (at most floor(rho*n_ff)).");
 
     py::class_<Engine>(mod, "Engine")
         .def(py::init([](const std::string &path, int n_ctx, int n_batch, int n_threads, bool use_gpu, const std::string &lora,
@@ -208,6 +224,7 @@ PYBIND11_MODULE(_core, mod) {
                 d["select_ms"] = r.select_ms;
                 d["stats_ms"] = r.stats_ms;
                 d["compact_ms"] = r.compact_ms;
+                d["table_layers"] = r.table_layers;
                 return d;
             },
             py::arg("tokens"), py::arg("pos"), py::arg("out_rows"), py::arg("embd") = py::none(),

@@ -175,6 +175,7 @@ void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> 
         throw std::invalid_argument("prune_layer must be in [0, " + std::to_string(hp.n_layer - 2) + "] (a layer must follow it)");
     for (int l : sp.dense_layers)
         if (l < 0 || l >= hp.n_layer) throw std::invalid_argument("dense layer " + std::to_string(l) + " out of range");
+    validate_profile_params(sp);
     if (sp.neurons && model_->lora && model_->lora->adapts_ffn)
         throw std::invalid_argument("core neurons cannot be used with a LoRA adapter on the FFN: use neurons=False");
     int64_t end = 0;
@@ -203,12 +204,14 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     validate(batch);
     const HParams &hp = model_->hp;
     PrefillResult res;
+    stat_thresholds_.clear();
     if (!sp) {  // the dense engine: also forgets earlier core neurons
         if (!compact_.empty()) compact_.clear();
         res.logits = forward(batch, -1, nullptr, false, std::vector<uint8_t>(hp.n_layer, 0), 0.0, false, nullptr);
         return res;
     }
     validate_sparsity(batch, images, anchor_row, *sp);
+    stat_thresholds_ = sp->thresholds;  // read by append_stats during this prefill
     const int K = sp->prune_layer;
     const bool prune = sp->tokens && !images.empty();
     const bool scored = std::any_of(images.begin(), images.end(), [](const ImageSpan &im) { return im.keep.empty(); });
@@ -291,7 +294,7 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     std::vector<std::vector<int32_t>> sets(hp.n_layer);
     if (sp->neurons)
         for (int il = 0; il < hp.n_layer; ++il)
-            if (!dense[il]) sets[il] = core_neurons(cache_->layers[il].stats, n_ff, sp->beta, block_of(il));
+            if (!dense[il]) sets[il] = layer_core_neurons(*sp, il, res);
     graph_.reset();
     compact_.build(*model_, sets, model_->n_threads);
     res.compact_ms = ms_since(t0);
@@ -483,7 +486,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             if (act_use[il] & kCapture) std::copy(acts.begin(), acts.end(), so.captured.begin() + begin * hp.n_ff);
             if (act_use[il] & kStats) {
                 auto t0 = std::chrono::steady_clock::now();
-                lc.stats.append(acts.data(), hp.n_ff, n_rows, rho, model_->n_threads);
+                append_stats(lc.stats, il, acts.data(), n_rows, rho);
                 if (stats_ms) *stats_ms += ms_since(t0);
             } else {
                 lc.stats.append_none(n_rows);
@@ -491,6 +494,48 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         }
         for (int64_t i = 0; i < n_rows; ++i) embd_begin += batch.tokens[begin + i] == -1;
     }
+}
+
+// ---------------------------------------------------------------- stored profile (cmx.coreprofile)
+
+void Engine::validate_profile_params(const SparsityParams &sp) const {
+    const HParams &hp = model_->hp;
+    if (!sp.thresholds.empty() && (int)sp.thresholds.size() != hp.n_layer)
+        throw std::invalid_argument("thresholds need one value per layer (" + std::to_string(hp.n_layer) + ")");
+    if (sp.short_prompt_tokens < 0) throw std::invalid_argument("short_prompt_tokens must be >= 0");
+    if (sp.neuron_order.empty()) {
+        if (sp.short_prompt_tokens > 0) throw std::invalid_argument("short_prompt_tokens needs neuron_order");
+        return;
+    }
+    if ((int)sp.neuron_order.size() != hp.n_layer)
+        throw std::invalid_argument("neuron_order needs one list per layer (" + std::to_string(hp.n_layer) + ")");
+    std::vector<uint8_t> seen(hp.n_ff);
+    for (const auto &order : sp.neuron_order) {
+        if ((int64_t)order.size() != hp.n_ff) throw std::invalid_argument("each layer's neuron_order must list n_ff neurons");
+        std::fill(seen.begin(), seen.end(), 0);
+        for (int32_t i : order) {
+            if (i < 0 || i >= hp.n_ff || seen[i]) throw std::invalid_argument("neuron_order must be a permutation of [0, n_ff)");
+            seen[i] = 1;
+        }
+    }
+}
+
+void Engine::append_stats(NeuronStats &stats, int il, const float *acts, int64_t n_rows, double rho) {
+    const float tau = il < (int)stat_thresholds_.size() ? stat_thresholds_[il] : std::numeric_limits<float>::quiet_NaN();
+    stats.set_mode(rho, tau);
+    if (stats.threshold_mode()) stats.append_above(acts, model_->hp.n_ff, n_rows, model_->n_threads);
+    else stats.append(acts, model_->hp.n_ff, n_rows, rho, model_->n_threads);
+}
+
+std::vector<int32_t> Engine::layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const {
+    const NeuronStats &stats = cache_->layers[il].stats;
+    const int64_t block = ggml_blck_size(model_->layers[il].ffn_down->type);
+    // too few tokens for a stable estimate: the calibration set's core neurons instead
+    if (!sp.neuron_order.empty() && stats.n_with_stats() < sp.short_prompt_tokens) {
+        ++res.table_layers;
+        return table_core_neurons(sp.neuron_order[il], model_->hp.n_ff, sp.beta, block);
+    }
+    return core_neurons(stats, model_->hp.n_ff, sp.beta, block);
 }
 
 }  // namespace cmx

@@ -79,6 +79,7 @@ struct PrefillResult {
     double select_ms = 0.0;                   // scoring and choosing tokens
     double stats_ms = 0.0;                    // per-token neuron statistics
     double compact_ms = 0.0;                  // building the compact FFN weights
+    int table_layers = 0;                     // layers whose core neurons came from the stored table
 };
 
 struct EngineParams {
@@ -145,6 +146,13 @@ class Engine {
                                const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms,
                                int attn_layer = -1);
     void validate(const Batch &batch) const;
+    // The stored-profile parts of SparsityParams (thresholds, neuron_order), checked.
+    void validate_profile_params(const SparsityParams &sp) const;
+    // A layer's statistics of n_rows activations: threshold mode when stat_thresholds_ has its tau.
+    void append_stats(NeuronStats &stats, int il, const float *acts, int64_t n_rows, double rho);
+    // A sparse layer's C^beta after a prefill: from its statistics, or the stored table when the
+    // layer holds fewer than sp.short_prompt_tokens tokens with statistics.
+    std::vector<int32_t> layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const;
     void validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const;
     std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
                                    const std::vector<uint8_t> &act_use, bool use_compact, int attn_layer) const;
@@ -155,6 +163,7 @@ class Engine {
     CompactFfn compact_;
     ggml_backend_sched_t sched_ = nullptr;
     std::unique_ptr<Graph> graph_;
+    std::vector<float> stat_thresholds_;  // the running prefill's per-layer tau (empty: sort)
 };
 
 }  // namespace cmx

@@ -87,6 +87,7 @@ void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, doub
 }
 
 std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
+    if (stats.threshold_mode()) return core_neurons_above(stats, n_ff, beta, block);
     int64_t n_tokens = 0;
     double total_active = 0.0;
     for (int32_t n : stats.n_active)
@@ -119,6 +120,99 @@ std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double
     idx.resize(n_core);
     std::sort(idx.begin(), idx.end());
     return idx;
+}
+
+// ---------------------------------------------------------------- profile: thresholds and tables
+
+namespace {
+int64_t core_count(int64_t n_ff, double beta, int64_t block) {
+    const int64_t n = (int64_t)std::floor(beta * (double)n_ff);
+    return std::min<int64_t>(n_ff, (n + block - 1) / block * block);
+}
+
+// The n_core neurons of largest count (ties: lower index first), ascending.
+std::vector<int32_t> most_frequent(const std::vector<int64_t> &freq, int64_t n_core) {
+    std::vector<int32_t> idx(freq.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int32_t x, int32_t y) { return freq[x] > freq[y]; });
+    idx.resize(n_core);
+    std::sort(idx.begin(), idx.end());
+    return idx;
+}
+}  // namespace
+
+void NeuronStats::set_mode(double rho_, float tau_) {
+    const bool same_tau = (std::isnan(tau) && std::isnan(tau_)) || tau == tau_;
+    if (rho_ == rho && same_tau) return;
+    const size_t n_old = n_active.size();
+    rho = rho_;
+    tau = tau_;
+    n_active.assign(n_old, -1);  // statistics of another rho or mode: forgotten
+    top.assign(n_old * (size_t)kmax, 0);
+    top_values.assign(n_old * (size_t)kmax, 0.0f);
+}
+
+void NeuronStats::append_above(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads) {
+    if (n_ff > 65536) throw std::invalid_argument("core neurons need n_ff <= 65536");
+    const int new_kmax = (int)std::floor(rho * (double)n_ff);
+    if (new_kmax != kmax) {  // slots of another size: forget (set_mode keeps kmax)
+        const size_t n_old = n_active.size();
+        kmax = new_kmax;
+        n_active.assign(n_old, -1);
+        top.assign(n_old * (size_t)kmax, 0);
+        top_values.assign(n_old * (size_t)kmax, 0.0f);
+    }
+    const size_t base = n_active.size();
+    n_active.resize(base + n_tokens);
+    top.resize((base + n_tokens) * (size_t)kmax);
+    top_values.resize((base + n_tokens) * (size_t)kmax);
+    const float t = tau;
+    parallel_for(n_tokens, n_threads, [&](int64_t j) {
+        const float *a = acts + j * n_ff;
+        int32_t active = 0;
+        std::vector<int32_t> strong;
+        strong.reserve(kmax);
+        for (int64_t i = 0; i < n_ff; ++i) {
+            active += a[i] > 0.0f;
+            if (a[i] > t) strong.push_back((int32_t)i);  // NaN compares false: never strong
+        }
+        if ((int64_t)strong.size() > kmax)  // rare: more than the slots hold; keep the largest
+            std::nth_element(strong.begin(), strong.begin() + kmax, strong.end(),
+                             [&](int32_t x, int32_t y) { return a[x] > a[y] || (a[x] == a[y] && x < y); });
+        n_active[base + j] = active;
+        uint16_t *out = top.data() + (base + j) * (size_t)kmax;
+        float *out_v = top_values.data() + (base + j) * (size_t)kmax;
+        const int n = (int)std::min<size_t>(strong.size(), (size_t)kmax);
+        for (int i = 0; i < kmax; ++i) {
+            out[i] = i < n ? (uint16_t)strong[i] : 0;
+            out_v[i] = i < n ? a[strong[i]] : -std::numeric_limits<float>::infinity();
+        }
+    });
+}
+
+int64_t NeuronStats::n_with_stats() const {
+    int64_t n = 0;
+    for (int32_t a : n_active) n += a >= 0;
+    return n;
+}
+
+std::vector<int32_t> core_neurons_above(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
+    if (stats.n_with_stats() == 0) return {};
+    std::vector<int64_t> freq(n_ff, 0);
+    for (size_t t = 0; t < stats.n_active.size(); ++t) {
+        if (stats.n_active[t] < 0) continue;
+        const uint16_t *idx = stats.top.data() + t * (size_t)stats.kmax;
+        const float *val = stats.top_values.data() + t * (size_t)stats.kmax;
+        for (int i = 0; i < stats.kmax && val[i] > stats.tau; ++i) ++freq[idx[i]];
+    }
+    return most_frequent(freq, core_count(n_ff, beta, block));
+}
+
+std::vector<int32_t> table_core_neurons(const std::vector<int32_t> &order, int64_t n_ff, double beta, int64_t block) {
+    if ((int64_t)order.size() != n_ff) throw std::invalid_argument("a neuron order must list n_ff neurons");
+    std::vector<int32_t> set(order.begin(), order.begin() + core_count(n_ff, beta, block));
+    std::sort(set.begin(), set.end());
+    return set;
 }
 
 // ---------------------------------------------------------------- core tokens

@@ -3,7 +3,9 @@
 // docs/corematching.md; cmx.reference implements the same in PyTorch.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "model.h"
@@ -25,6 +27,10 @@ struct SparsityParams {
     int budget = 0;        // > 0: keep this many tokens per image instead of the elbow's count
     double min_keep = 0.0, max_keep = 1.0;  // bounds on the elbow's kept fraction
     std::vector<int> dense_layers;          // layers whose decode FFN stays dense
+    // From a profile stored in the model file (cmx.coreprofile), each empty when not used:
+    std::vector<float> thresholds;                  // per layer: token-wise core neurons are a > tau (NaN: sort)
+    std::vector<std::vector<int32_t>> neuron_order; // per layer: every neuron, by calibration frequency
+    int short_prompt_tokens = 0;  // a layer holding fewer tokens with statistics takes its C^beta from neuron_order
 };
 
 // One layer's per-token neuron statistics, row for row with its KV cache (LayerCache::pos).
@@ -41,7 +47,22 @@ struct NeuronStats {
     // Statistics of n_tokens tokens from their activations, token-major [n_tokens][n_ff].
     // A different rho than the stored one invalidates the stored tokens.
     void append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho, int n_threads);
+
+    // Threshold mode (a profile's tau): a token's core neurons are those with a > tau, stored in
+    // its kmax slots (at most kmax: the largest when more pass; unused slots hold -inf), no sort.
+    float tau = std::numeric_limits<float>::quiet_NaN();  // NaN: per-token top-k (append)
+    bool threshold_mode() const { return !std::isnan(tau); }
+    // Switches rho / mode before an append; statistics of another rho or mode are forgotten.
+    void set_mode(double rho, float tau);
+    void append_above(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads);
+    int64_t n_with_stats() const;
 };
+
+// C^beta of threshold-mode statistics: the n_core neurons most often above tau (ties: lower index).
+std::vector<int32_t> core_neurons_above(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block);
+
+// A layer's C^beta from a stored frequency order: its first n_core neurons, ascending.
+std::vector<int32_t> table_core_neurons(const std::vector<int32_t> &order, int64_t n_ff, double beta, int64_t block);
 
 // The layer's core neurons C^beta over every token that has statistics, ascending. Empty when no
 // token has statistics.

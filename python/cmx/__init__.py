@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 _ENGINE_NAMES = ("Model", "ModelLoadError", "ModelBusyError", "ImageError", "VisionModelError")
+_PURE_NAMES = {"ProfileError": "coreprofile"}
 
 from .kept import draw_kept  # noqa: E402  (pure Python)
 from .sparsity import Sparsity  # noqa: E402  (pure Python)
@@ -15,6 +16,10 @@ def __getattr__(name):
         from .chat import ChatTemplateError
 
         return ChatTemplateError
+    if name in _PURE_NAMES:  # pure Python, imported on first use
+        import importlib
+
+        return getattr(importlib.import_module(f".{_PURE_NAMES[name]}", __name__), name)
     if name in _ENGINE_NAMES:
         from . import model
 
@@ -23,4 +28,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_ENGINE_NAMES) + ["ChatTemplateError"])
+    return sorted(list(globals()) + list(_ENGINE_NAMES) + list(_PURE_NAMES) + ["ChatTemplateError"])

@@ -37,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-core-neurons", action="store_true", help="dense decode FFNs (token pruning only)")
     g.add_argument("--rho", type=float, default=0.2, help="token-wise core neuron share (default 0.2)")
     g.add_argument("--beta", type=float, default=0.4, help="core neurons kept per layer, share of the FFN width (default 0.4)")
-    g.add_argument("--prune-layer", type=int, default=None, help="layer after which image tokens are pruned (default 2)")
+    g.add_argument("--prune-layer", type=int, default=None, help="layer after which image tokens are pruned (default: the model's cmx-profile, else 2)")
     g.add_argument("--score", choices=("anchor", "paper"), default="anchor", help="how image tokens are scored (default anchor)")
     g.add_argument("--keep-tokens", type=int, default=None, metavar="K",
                    help="keep K tokens per image instead of the adaptive count")
-    g.add_argument("--min-keep", type=float, default=0.25, metavar="F",
-                   help="keep at least this share of each image's tokens (default 0.25)")
+    g.add_argument("--min-keep", type=float, default=None, metavar="F",
+                   help="keep at least this share of each image's tokens (default: the model's cmx-profile, else 0.25)")
     p.add_argument("--show-kept", metavar="OUT.png", default=None,
                    help="after each answer about a new image, write it with the pruned patches dimmed and the kept ones outlined")
     p.add_argument("--timings", action="store_true", help="print llama.cpp-style timings, kept tokens and core neurons")

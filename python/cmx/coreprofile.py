@@ -292,12 +292,18 @@ def write_profiled_gguf(src: str | os.PathLike, dst: str | os.PathLike, profile:
     """Writes dst: src's header keys and tensors unchanged (tensor bytes copied as they are, the
     same alignment), an older `cmx.*` profile of src dropped, and the profile's keys added.
     Refuses dst == src: the input is never overwritten."""
+    profile.check()
+    copy_gguf_with_keys(src, dst, profile_keys(profile))
+
+
+def copy_gguf_with_keys(src: str | os.PathLike, dst: str | os.PathLike, keys: list) -> None:
+    """src with its `cmx.*` keys replaced by `keys` ((key, value, GGUFValueType, sub-type)),
+    unchecked (tests write malformed profiles with it). Written to dst + ".partial", then renamed."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
 
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and _same_file(src, dst):
         raise ValueError(f"the output {dst} is the input model: cmx-profile never overwrites its input (choose another -o)")
-    profile.check()
     reader = GGUFReader(src, "r")
     arch_field = reader.fields.get(Keys.General.ARCHITECTURE)
     arch = arch_field.contents() if arch_field is not None else None
@@ -316,7 +322,7 @@ def write_profiled_gguf(src: str | os.PathLike, dst: str | os.PathLike, profile:
             writer.add_key_value(f.name, f.contents(), kind, sub_type=sub)
             if f.name == Keys.General.ALIGNMENT:
                 writer.data_alignment = int(f.contents())  # tensors keep the file's alignment
-        for key, value, kind, sub in profile_keys(profile):
+        for key, value, kind, sub in keys:
             writer.add_key_value(key, value, kind, sub_type=sub)
         for t in reader.tensors:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _lib  # noqa: F401  (loads llama.cpp's ggml first: one copy per process)
 from ._core import Engine, ModelLoadError, set_ggml_log_level
+from .coreprofile import ProfileError, read_profile
 from .chat import ChatTemplate, EmbeddingCache, common_prefix, flatten_messages, load_images, stream_text
 from .defaults import default_lora, default_mmproj, default_text_model
 from .images import ImageError
@@ -20,7 +21,7 @@ from .sparsity import Sparsity
 from .vision import ImageChunk, VisionEncoder, VisionModelError
 from .vocab import Vocab
 
-__all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError", "Sparsity"]
+__all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError", "Sparsity", "ProfileError"]
 
 _MODEL_DEFAULT = object()  # a call's sparsity= when not given: the Model's own setting
 
@@ -147,6 +148,8 @@ class Model:
         self.lora = os.fspath(lora) if lora is not None else None
         self._engine = Engine(path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads or 0,
                               lora=self.lora or "", lora_scale=float(lora_scale))
+        # a cmx-profile profile in the file: checked against the weights before any call uses it
+        self.profile = read_profile(path, self._engine.info["n_layer"], self._engine.info["n_ff"])
         self._vocab = Vocab(path)
         if self._vocab.n_vocab != self._engine.info["n_vocab"]:
             raise ModelLoadError(
@@ -165,12 +168,22 @@ class Model:
         self.last_stats: dict = {}
         self._guard = _CallGuard()
         if self.sparsity is not None:
-            self.sparsity.resolved(self.info["n_layer"])  # fail now, not at the first call
+            self.sparsity.resolved(self.info["n_layer"], self.profile)  # fail now, not at the first call
 
     # ---- metadata
     @property
     def info(self) -> dict:
-        return self._engine.info
+        """The model's hyperparameters, and under "profile" what its cmx-profile tables hold (None
+        without them)."""
+        info = dict(self._engine.info)
+        p = self.profile
+        info["profile"] = None if p is None else {
+            "version": p.version, "rho": round(p.rho, 6), "beta": round(p.beta, 6), "prune_layer": p.prune_layer, "min_keep": p.min_keep,
+            "max_keep": p.max_keep, "short_prompt_tokens": p.short_prompt_tokens, "source": p.source, "lora": p.lora,
+            "calibration": f"{p.calibration_prompts} {p.calibration_kind} prompts, {p.calibration_tokens} tokens",
+            "date": p.date, "tau": [round(float(t), 4) for t in p.tau],
+        }
+        return info
 
     @property
     def n_ctx(self) -> int:
@@ -231,7 +244,7 @@ class Model:
         cache with CoreMatching or dense, records last_stats, and returns the last row's logits.
         images: (first row, n_rows) of each image among the rows."""
         n = len(rows)
-        sp = sparsity.to_core(self.info["n_layer"]) if sparsity is not None else None
+        sp = sparsity.to_core(self._engine.info["n_layer"], self.profile) if sparsity is not None else None
         t0 = time.perf_counter()
         # kept tokens chosen here instead of by the engine's scores (and pooling's groups)
         spans = [(first, count, []) for first, count in images]
@@ -251,6 +264,7 @@ class Model:
             kept_image_tokens=[list(k) for k in r["kept"]] or [list(range(count)) for _, count in images],
             core_neurons=list(r["core_neurons"]) or [self.info["n_ff"]] * self.info["n_layer"],
             select_ms=select_ms + r["select_ms"], stats_ms=r["stats_ms"], compact_ms=r["compact_ms"],
+            profile_tables=sparsity is not None and sparsity.uses_tables(self.profile), table_layers=r["table_layers"],
         )
         return r["logits"][-1]
 

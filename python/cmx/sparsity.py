@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SCORES = ("anchor", "paper")
 SELECTIONS = ("corematching", "fastv", "divprune", "pool", "random")
@@ -25,12 +25,13 @@ class Sparsity:
     neurons      each decode step's FFN reads only the prompt's core neurons
     rho          token-wise core neurons: this share of the mean number of activated neurons
     beta         core neurons kept per layer: this share of n_ff (rounded up to a quantization block)
-    prune_layer  K: layers 0..K see every token (None: 2)
+    prune_layer  K: layers 0..K see every token (None: the model file's profile, else 2)
     score        'anchor' (neurons shared with the start of the answer turn: depends on the
                  question) or 'paper' (neurons shared with the prompt's core neurons)
     budget       keep exactly this many tokens per image instead of the elbow's count
-    min_keep, max_keep  bounds on the kept fraction of each image when the elbow decides (the
-                 default floor of 0.25 is measured: docs/decisions.md, "CoreMatching defaults")
+    min_keep, max_keep  bounds on the kept fraction of each image when the elbow decides (None:
+                 the model file's profile, else 0.25 and 1.0; the floor of 0.25 is measured:
+                 docs/decisions.md, "CoreMatching defaults")
     dense_layers layers whose decode FFN stays dense (None: the first and the last)
     select       which image tokens stay: 'corematching' (the scores above), or for comparisons at
                  an equal `budget`: 'fastv' (the most attended by the prompt's last token at layer
@@ -38,6 +39,10 @@ class Sparsity:
                  'pool' (the image's token grid average-pooled to about `budget` tokens after
                  layer K) or 'random' (seeded by `seed`); all cut after `prune_layer`
     seed         the random selection's seed
+    profile      use the model file's cmx-profile tables when it has them (docs/decisions.md,
+                 "Offline profiles"): thresholds instead of per-token sorting and the stored core
+                 neurons for short prompts (both when rho is the profile's), and its K and bounds
+                 for the settings left at None
     """
 
     tokens: bool = True
@@ -47,21 +52,24 @@ class Sparsity:
     prune_layer: int | None = None
     score: str = "anchor"
     budget: int | None = None
-    min_keep: float = 0.25
-    max_keep: float = 1.0
+    min_keep: float | None = None
+    max_keep: float | None = None
     dense_layers: tuple[int, ...] | None = field(default=None)
     select: str = "corematching"
     seed: int = 0
+    profile: bool = True
 
     def __post_init__(self):
-        for name in ("tokens", "neurons"):
+        for name in ("tokens", "neurons", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _fraction("rho", self.rho, True)
         _fraction("beta", self.beta, True)
-        _fraction("min_keep", self.min_keep, False)
-        _fraction("max_keep", self.max_keep, False)
-        if self.min_keep > self.max_keep:
+        if self.min_keep is not None:
+            _fraction("min_keep", self.min_keep, False)
+        if self.max_keep is not None:
+            _fraction("max_keep", self.max_keep, False)
+        if self.min_keep is not None and self.max_keep is not None and self.min_keep > self.max_keep:
             raise ValueError(f"min_keep ({self.min_keep}) must not exceed max_keep ({self.max_keep})")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
@@ -81,23 +89,38 @@ class Sparsity:
                 raise ValueError(f"dense_layers must be non-negative layer indices, got {self.dense_layers!r}")
             object.__setattr__(self, "dense_layers", layers)
 
-    def resolved(self, n_layer: int) -> "Sparsity":
-        """The settings with the model-dependent defaults filled in, checked against n_layer."""
-        k = 2 if self.prune_layer is None else self.prune_layer
-        k = min(k, n_layer - 2) if self.prune_layer is None else k
+    def uses_tables(self, profile) -> bool:
+        """Whether a model's profile (cmx.coreprofile.CoreProfile or None) supplies thresholds and
+        short-prompt tables: it must be wanted and made for this rho (tau reproduces one rho)."""
+        return self.profile and profile is not None and abs(float(profile.rho) - self.rho) < 1e-6
+
+    def resolved(self, n_layer: int, profile=None) -> "Sparsity":
+        """The settings with the model-dependent defaults filled in (from the model file's profile
+        where it has one and `profile` is on), checked against n_layer."""
+        stored = profile if (self.profile and profile is not None) else None
+        if self.prune_layer is not None:
+            k = self.prune_layer
+        else:
+            k = min(stored.prune_layer if stored else 2, n_layer - 2)
         if not 0 <= k <= n_layer - 2:
             raise ValueError(f"prune_layer must be in [0, {n_layer - 2}] for a model of {n_layer} layers, got {k}")
         dense = (0, n_layer - 1) if self.dense_layers is None else self.dense_layers
         if any(i >= n_layer for i in dense):
             raise ValueError(f"dense_layers {dense} out of range for a model of {n_layer} layers")
-        return Sparsity(self.tokens, self.neurons, self.rho, self.beta, k, self.score, self.budget,
-                        self.min_keep, self.max_keep, tuple(sorted(set(dense))), self.select, self.seed)
+        min_keep = self.min_keep if self.min_keep is not None else (stored.min_keep if stored else 0.25)
+        max_keep = self.max_keep if self.max_keep is not None else (stored.max_keep if stored else 1.0)
+        if self.max_keep is None and max_keep < min_keep:  # a user's floor above the stored ceiling wins
+            max_keep = 1.0
+        if self.min_keep is None and min_keep > max_keep:
+            min_keep = max_keep
+        return replace(self, prune_layer=k, dense_layers=tuple(sorted(set(dense))), min_keep=float(min_keep),
+                       max_keep=float(max_keep))
 
-    def to_core(self, n_layer: int):
-        """The engine's SparsityParams."""
+    def to_core(self, n_layer: int, profile=None):
+        """The engine's SparsityParams (with the profile's tables when `uses_tables`)."""
         from ._core import SparsityParams, TokenScore
 
-        s = self.resolved(n_layer)
+        s = self.resolved(n_layer, profile)
         p = SparsityParams()
         p.tokens, p.neurons, p.rho, p.beta = s.tokens, s.neurons, s.rho, s.beta
         p.prune_layer = s.prune_layer
@@ -105,4 +128,8 @@ class Sparsity:
         p.budget = s.budget or 0
         p.min_keep, p.max_keep = s.min_keep, s.max_keep
         p.dense_layers = list(s.dense_layers)
+        if self.uses_tables(profile):
+            p.thresholds = [float(t) for t in profile.tau]
+            p.neuron_order = profile.neuron_order.tolist()
+            p.short_prompt_tokens = int(profile.short_prompt_tokens)
         return p
