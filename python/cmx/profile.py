@@ -253,7 +253,7 @@ class ActivationRecorder:
 
     def _hook(self, il):
         def hook(module, args):
-            self.acts[il] = args[0][0].detach().float().numpy().copy()
+            self.acts[il] = args[0][0].detach().float().cpu().numpy().copy()
 
         return hook
 
@@ -266,11 +266,12 @@ def prompt_embeddings(model, p: Prompt):
     """inputs_embeds [1, T, n_embd]: token rows from the model's embedding table, image rows as given."""
     import torch
 
-    ids = torch.as_tensor(np.where(p.rows >= 0, p.rows, 0))
+    device = model.get_input_embeddings().weight.device
+    ids = torch.as_tensor(np.where(p.rows >= 0, p.rows, 0), device=device)
     with torch.no_grad():
         x = model.get_input_embeddings()(ids).float()
     if p.image_embd is not None:
-        x[torch.as_tensor(p.rows < 0)] = torch.from_numpy(p.image_embd)
+        x[torch.as_tensor(p.rows < 0, device=device)] = torch.from_numpy(p.image_embd).to(device)
     return x[None]
 
 
@@ -280,7 +281,7 @@ def dense_forward(model, recorder: ActivationRecorder, p: Prompt) -> np.ndarray:
 
     with torch.no_grad():
         out = model(inputs_embeds=prompt_embeddings(model, p), use_cache=False, logits_to_keep=1)
-    return out.logits[0, -1].float().numpy()
+    return out.logits[0, -1].float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def measure_short_prompt(model, recorder: ActivationRecorder, p: Prompt, order: 
     for each n of WINDOWS (and from all of it). Overlap shares, mean over layers: {n: (own, table)}."""
     import torch
 
-    ids = torch.as_tensor(p.rows)[None]
+    ids = torch.as_tensor(p.rows, device=model.get_input_embeddings().weight.device)[None]
     with torch.no_grad():
         full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=ANSWER_TOKENS, do_sample=False,
                               min_new_tokens=ANSWER_TOKENS, pad_token_id=0)
@@ -470,6 +471,8 @@ class _Progress:
 
     def close(self):
         if self.bar is not None:
+            self.bar.total = self.n  # the floor search may stop early: the bar ends full
+            self.bar.refresh()
             self.bar.close()
 
 
@@ -519,8 +522,8 @@ def profile_model(model, prompts: list, held_out: list, *, rho: float = 0.2, bet
         recorder.close()
     cutoff, window_means = short_prompt_cutoff(windows) if windows else (0, {})
     t_tables = time.perf_counter() - t0
-    if with_images:
-        K, min_keep, max_keep, k_measures = choose_prune_layer(model, prompts[:n_k], dense_logits, n_layer, progress)
+    if with_images:  # cmx.reference runs on the CPU
+        K, min_keep, max_keep, k_measures = choose_prune_layer(model.cpu(), prompts[:n_k], dense_logits, n_layer, progress)
     else:  # nothing to prune in text-only calibration: the runtime's defaults, marked as such
         K, min_keep, max_keep = min(2, n_layer - 2), 0.25, 1.0
         k_measures = {"note": "text-only calibration: K and the bounds are the runtime defaults, not measured"}
@@ -589,6 +592,8 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--device", default="auto", help="torch device for the tables' pass: auto (a GPU when there is one), "
+                    "cpu, cuda, ... (K and the bounds are measured on the CPU)")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
     args = ap.parse_args(argv)
@@ -645,6 +650,11 @@ def run_cli(args) -> ProfileRun:
 
     t0 = time.perf_counter()
     model = load_model(args.gguf, args.hf, args.lora)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise CliError(f"--device {device}: {e}") from e
     if model.config.num_hidden_layers != builder.model.info["n_layer"] or model.config.intermediate_size != builder.model.info["n_ff"]:
         raise CliError("the --hf checkpoint's layers / n_ff differ from the GGUF's: not the same model")
     load_s = time.perf_counter() - t0
