@@ -325,3 +325,51 @@ def test_gguf_path_and_hf_path_agree(tiny_paths, tmp_path):
     assert np.allclose(a.tau, b.tau, rtol=0.02), (a.tau, b.tau)
     # not trivially equal: quantization did change the activations
     assert not np.array_equal(a.frequency, b.frequency)
+
+
+def test_merged_lora_is_the_adapter_llama_cpp_applies(smollm2_path):
+    """cmx-profile merges the demo adapter into the PyTorch weights (q/k rows back from llama.cpp's
+    rotary order). Its logits must be llama-cpp-python's with the adapter, up to the Q4_1 rounding
+    both engines already differ by without it. Measured when written: adapter effect 34.4, base vs
+    base 1.32, merged vs adapted 2.05 (max |diff| over 20 positions)."""
+    import llama_cpp
+    from cmx.defaults import default_lora
+
+    text = b"<|im_start|>user\nWhat color is the star?<|im_end|>\n<|im_start|>assistant\n"
+    llama, ours = {}, {}
+    for lora in (None, default_lora()):
+        llm = llama_cpp.Llama(smollm2_path, lora_path=lora, n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+        tokens = llm.tokenize(text, special=True)
+        llm.eval(tokens)
+        llama[lora] = np.array(llm.scores[: len(tokens)])
+        llm.close()
+        with torch.no_grad():
+            ours[lora] = cp.load_model(smollm2_path, lora=lora)(torch.tensor([tokens])).logits[0].numpy()
+    effect = np.abs(llama[default_lora()] - llama[None]).max()
+    assert effect > 10
+    assert np.abs(ours[None] - llama[None]).max() < 0.1 * effect
+    assert np.abs(ours[default_lora()] - llama[default_lora()]).max() < 0.1 * effect
+
+
+def test_image_folder_calibration_measures_k_and_bounds(smollm2_path, tmp_path):
+    """--images/--questions with the demo projector: image prompts through mtmd, K and the bounds
+    measured (on 2 prompts: the numbers are not meaningful, the path is what is tested)."""
+    from cmx import scenes
+    from cmx.defaults import default_mmproj
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, seed in enumerate(scenes.split_seeds("val", 4, start=100)):
+        scenes.make_scene(seed).image.save(images / f"scene{i}.png")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What color is the star?\nHow many circles are there?\n")
+    out = str(tmp_path / "profiled.gguf")
+    assert cp.main(["--gguf", smollm2_path, "--mmproj", default_mmproj(), "--images", str(images), "--questions",
+                    str(questions), "-o", out, "--held-out", "1", "--k-prompts", "2", "-q"]) == 0
+    p = read_profile(out, 30, 1536)
+    assert p.calibration_kind == "images" and p.calibration_prompts == 3
+    assert p.calibration_tokens > 3 * 576
+    measures = json.loads(p.measures)
+    assert set(measures["agreement_by_K"]) == {"1", "2", "3", "4"}
+    assert p.prune_layer in (1, 2, 3, 4) and 0 <= p.min_keep <= p.max_keep <= 1
+    assert 0.9 <= measures["threshold_count_ratio_mean"] <= 1.1
