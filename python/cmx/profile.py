@@ -320,21 +320,18 @@ def _overlap(a, b) -> float:
     return len(np.intersect1d(a, b)) / max(1, len(b))
 
 
-@dataclass
 class Accumulator:
-    n_layer: int
-    n_ff: int
-    rho: float
-    count: np.ndarray = None  # [L, n_ff] tokens whose C_rho holds the neuron
-    tau_values: list = None  # per layer: sampled rows' largest activations
-    tau_strong: np.ndarray = None  # per layer: sum over sampled rows of their prompt's k
-    n_tokens: int = 0
+    """What the calibration pass keeps per layer: each neuron's C_rho count, and for fitting tau
+    a sample of token rows (their largest activations) with the C_rho size k of their prompt."""
 
-    def __post_init__(self):
-        self.count = np.zeros((self.n_layer, self.n_ff), np.int64)
-        self.tau_values = [[] for _ in range(self.n_layer)]
-        self.tau_strong = np.zeros(self.n_layer, np.int64)
-        self.keep_top = min(self.n_ff, 2 * max(1, math.floor(self.rho * self.n_ff)))
+    def __init__(self, n_layer: int, n_ff: int, rho: float):
+        self.n_layer, self.n_ff, self.rho = n_layer, n_ff, rho
+        self.count = np.zeros((n_layer, n_ff), np.int64)  # tokens whose C_rho holds the neuron
+        self.tau_values: list = [[] for _ in range(n_layer)]  # sampled rows' largest activations
+        self.tau_strong = np.zeros(n_layer, np.int64)  # sum over the sampled rows of their prompt's k
+        self.n_tokens = 0
+        # a token's strong neurons lie among its largest activations: keep 2x the most C_rho holds
+        self.keep_top = min(n_ff, 2 * max(1, math.floor(rho * n_ff)))
 
     def add(self, acts: list, rng: np.random.Generator) -> None:
         T = acts[0].shape[0]
@@ -342,7 +339,6 @@ class Accumulator:
         for il, a in enumerate(acts):
             k = reference.token_core_count(a, self.rho)
             self.count[il] += reference.token_core_mask(a, k).sum(axis=0)
-            # a token's strong neurons lie among its largest activations: keep 2x the most C_rho holds
             rows = a[sample]
             self.tau_values[il].append(-np.partition(-rows, self.keep_top - 1, axis=1)[:, : self.keep_top].astype(np.float32))
             self.tau_strong[il] += k * len(sample)
