@@ -551,8 +551,8 @@ def _print_summary(run: ProfileRun, out: str, load_s: float, prompt_s: float) ->
     p, s = run.profile, run.summary
     print(f"profiled {p.n_layer} layers x {p.n_ff} neurons on {s['prompts']} {p.calibration_kind} prompts "
           f"({s['tokens']} tokens); rho {p.rho}, beta {p.beta}")
-    print(f"time: model load {load_s:.1f} s, prompts {prompt_s:.1f} s, tables {s['seconds_tables']:.1f} s, "
-          f"all measurements {s['seconds']:.1f} s")
+    print(f"time: prompts and image embeddings {prompt_s:.1f} s, model load {load_s:.1f} s, tables and their held-out "
+          f"checks {s['seconds_tables']:.1f} s, with the K and bounds search {s['seconds']:.1f} s")
     if s.get("threshold_count_ratio_mean") is not None:
         lo, hi = s["threshold_count_ratio_range"]
         print(f"thresholds on {s['held_out_prompts']} held-out prompts: strong neurons per token / C_rho's k = "
