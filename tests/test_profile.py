@@ -295,6 +295,7 @@ def test_bad_command_lines_are_one_line_errors(tiny_paths, tmp_path, capsys):
         (["--gguf", src, "-o", out], "needs --mmproj"),
         (["--gguf", src, "--prompts", str(tmp_path / "none.txt"), "-o", out], "no such file"),
         (["--gguf", src, "--prompts", prompts, "-o", out, "--rho", "0"], "must be in (0, 1]"),
+        (["--gguf", src, "--prompts", prompts, "-o", out, "--device", "nosuchdevice"], "--device nosuchdevice"),
     ]
     for argv, message in cases:
         assert cp.main(argv + ["-q"]) == 2

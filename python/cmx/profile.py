@@ -621,8 +621,17 @@ def run_cli(args) -> ProfileRun:
         raise CliError("--images needs --questions FILE")
     if (args.images or args.prompts is None) and not args.mmproj:
         raise CliError("image calibration (the default scenes, or --images) needs --mmproj; text only: --prompts FILE")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError as e:
+            raise CliError(f"--device {args.device}: {e}") from e
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     t0 = time.perf_counter()
     builder = PromptBuilder(args.gguf, args.mmproj if not args.prompts else None)
