@@ -36,6 +36,11 @@ SHORT_PROMPTS = ["Hi", "Paris is", "Once upon", "Water", "The sun", "Red and", "
                  "Hello there", "My name", "The sky", "Ten", "Apples are", "Dogs can", "Music"]
 
 
+def summarize(rec: dict, n: int) -> dict:
+    return {name: {"accuracy": r["correct"] / max(1, n), **{k: round(statistics.median(v), 2) for k, v in r.items()
+                                                           if isinstance(v, list) and v}} for name, r in rec.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profiled", required=True)
@@ -71,8 +76,10 @@ def main() -> int:
             if st.get("n_eval"):
                 r["decode_ms_per_token"].append(st["decode_ms"] / st["n_eval"])
         print(f"{i + 1}/{a.n}", {k: v["correct"] for k, v in rec.items()}, file=sys.stderr, flush=True)
-    table = {name: {"accuracy": r["correct"] / max(1, a.n), **{k: round(statistics.median(v), 2) for k, v in r.items()
-                                                      if isinstance(v, list) and v}} for name, r in rec.items()}
+        if a.out:  # a partial record after every question (the shared machine may stop a long run)
+            with open(a.out + ".partial", "w") as f:
+                json.dump({"n_done": i + 1, "vqa": summarize(rec, i + 1)}, f, indent=1)
+    table = summarize(rec, a.n)
 
     # (b) short prompts: does the stored table keep the continuation closer to dense?
     short = {}
