@@ -27,6 +27,7 @@ KVCache::KVCache(const Model &model, int n_ctx_) : n_ctx((int)GGML_PAD(n_ctx_, 2
         layers[il].v = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_ctx, hp.n_embd_kv());  // [n_ctx, n_embd_kv]
         ggml_format_name(layers[il].k, "cache_k_l%d", il);
         ggml_format_name(layers[il].v, "cache_v_l%d", il);
+        layers[il].stats.reserve_rows(n_ctx);  // no slots yet: their size waits for rho
     }
     buffer = ggml_backend_alloc_ctx_tensors(ctx, model.backend);
     if (!buffer) {

@@ -33,98 +33,6 @@ void parallel_for(int64_t n, int n_threads, Fn fn) {
     for (auto &th : pool) th.join();
 }
 
-}  // namespace
-
-// ---------------------------------------------------------------- statistics
-
-void NeuronStats::truncate(size_t n) {
-    if (n >= n_active.size()) return;
-    n_active.resize(n);
-    top.resize(n * (size_t)kmax);
-    top_values.resize(n * (size_t)kmax);
-}
-
-void NeuronStats::append_none(size_t n) {
-    n_active.insert(n_active.end(), n, -1);
-    top.insert(top.end(), n * (size_t)kmax, 0);
-    top_values.insert(top_values.end(), n * (size_t)kmax, 0.0f);
-}
-
-void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho_, int n_threads) {
-    if (n_ff > 65536) throw std::invalid_argument("core neurons need n_ff <= 65536");
-    const int new_kmax = (int)std::floor(rho_ * (double)n_ff);
-    if (rho_ != rho || new_kmax != kmax) {
-        // statistics of another rho rank a different number of neurons: forget them
-        const size_t n_old = n_active.size();
-        rho = rho_;
-        kmax = new_kmax;
-        n_active.assign(n_old, -1);
-        top.assign(n_old * (size_t)kmax, 0);
-        top_values.assign(n_old * (size_t)kmax, 0.0f);
-    }
-    const size_t base = n_active.size();
-    n_active.resize(base + n_tokens);
-    top.resize((base + n_tokens) * (size_t)kmax);
-    top_values.resize((base + n_tokens) * (size_t)kmax);
-    parallel_for(n_tokens, n_threads, [&](int64_t j) {
-        const float *a = acts + j * n_ff;
-        std::vector<float> v(a, a + n_ff);
-        int32_t active = 0;
-        for (float &x : v) {
-            active += x > 0.0f;
-            if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();  // keeps the order strict
-        }
-        n_active[base + j] = active;
-        std::vector<int32_t> idx(n_ff);
-        std::iota(idx.begin(), idx.end(), 0);
-        auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
-        // the kmax largest, unordered: the count k <= kmax is known only once the prompt is done
-        std::nth_element(idx.begin(), idx.begin() + kmax, idx.end(), before);
-        uint16_t *out = top.data() + (base + j) * (size_t)kmax;
-        float *out_v = top_values.data() + (base + j) * (size_t)kmax;
-        for (int i = 0; i < kmax; ++i) out[i] = (uint16_t)idx[i], out_v[i] = v[idx[i]];
-    });
-}
-
-std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
-    if (stats.threshold_mode()) return core_neurons_above(stats, n_ff, beta, block);
-    int64_t n_tokens = 0;
-    double total_active = 0.0;
-    for (int32_t n : stats.n_active)
-        if (n >= 0) {
-            ++n_tokens;
-            total_active += n;
-        }
-    if (n_tokens == 0) return {};
-    // one count k for every token: rho times the mean activated count (CoreInfer)
-    const int64_t k = std::min<int64_t>(stats.kmax, (int64_t)std::floor(stats.rho * total_active / (double)n_tokens));
-    std::vector<int64_t> freq(n_ff, 0);
-    std::vector<int32_t> order(stats.kmax);
-    for (size_t t = 0; t < stats.n_active.size(); ++t) {
-        if (stats.n_active[t] < 0) continue;
-        const uint16_t *idx = stats.top.data() + t * (size_t)stats.kmax;
-        const float *val = stats.top_values.data() + t * (size_t)stats.kmax;
-        // the token's k largest among its kmax stored (same order: value, then lower index)
-        std::iota(order.begin(), order.end(), 0);
-        if (k < stats.kmax)
-            std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int32_t x, int32_t y) {
-                return val[x] > val[y] || (val[x] == val[y] && idx[x] < idx[y]);
-            });
-        for (int64_t i = 0; i < k; ++i) ++freq[idx[order[i]]];
-    }
-    int64_t n_core = (int64_t)std::floor(beta * (double)n_ff);
-    n_core = std::min<int64_t>(n_ff, (n_core + block - 1) / block * block);
-    std::vector<int32_t> idx(n_ff);
-    std::iota(idx.begin(), idx.end(), 0);
-    std::stable_sort(idx.begin(), idx.end(), [&](int32_t x, int32_t y) { return freq[x] > freq[y]; });
-    idx.resize(n_core);
-    std::sort(idx.begin(), idx.end());
-    return idx;
-}
-
-// ---------------------------------------------------------------- profile: thresholds and tables
-
-namespace {
 int64_t core_count(int64_t n_ff, double beta, int64_t block) {
     const int64_t n = (int64_t)std::floor(beta * (double)n_ff);
     return std::min<int64_t>(n_ff, (n + block - 1) / block * block);
@@ -141,31 +49,102 @@ std::vector<int32_t> most_frequent(const std::vector<int64_t> &freq, int64_t n_c
 }
 }  // namespace
 
+// ---------------------------------------------------------------- statistics
+
+void NeuronStats::truncate(size_t n) {
+    if (n < n_active.size()) n_active.resize(n);
+}
+
+void NeuronStats::append_none(size_t n) {
+    n_active.insert(n_active.end(), n, -1);  // no slots written: their rows are never read
+}
+
+void NeuronStats::reserve_rows(size_t rows) {
+    n_active.reserve(rows);
+    if (rows <= capacity) return;
+    capacity = rows;
+    if (kmax > 0) top.resize(capacity * (size_t)kmax);
+}
+
+void NeuronStats::set_kmax(int new_kmax) {
+    if (new_kmax == kmax && top.size() == capacity * (size_t)kmax) return;
+    kmax = new_kmax;
+    // written through once now (zeros), as the KV cache is, so pages are not first touched
+    // turn by turn
+    std::vector<uint16_t>(capacity * (size_t)kmax, 0).swap(top);
+    n_active.assign(n_active.size(), -1);  // slots of another size: what they held is gone
+}
+
+uint16_t *NeuronStats::prepare_rows(size_t base, int64_t n_tokens) {
+    if (base + (size_t)n_tokens > capacity) reserve_rows(std::max(base + (size_t)n_tokens, 2 * capacity));
+    n_active.resize(base + (size_t)n_tokens);
+    return top.data() + base * (size_t)kmax;
+}
+void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho_, int n_threads) {
+    if (n_ff >= kNoNeuron) throw std::invalid_argument("core neurons need n_ff < 65535");
+    if (rho_ != rho || threshold_mode()) {
+        // statistics of another rho rank a different number of neurons: forget them
+        rho = rho_;
+        tau = std::numeric_limits<float>::quiet_NaN();
+        n_active.assign(n_active.size(), -1);
+    }
+    set_kmax((int)std::floor(rho * (double)n_ff));
+    const size_t base = n_active.size();
+    uint16_t *rows = prepare_rows(base, n_tokens);
+    parallel_for(n_tokens, n_threads, [&](int64_t j) {
+        const float *a = acts + j * n_ff;
+        std::vector<float> v(a, a + n_ff);
+        int32_t active = 0;
+        for (float &x : v) {
+            active += x > 0.0f;
+            if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();  // keeps the order strict
+        }
+        n_active[base + j] = active;
+        std::vector<int32_t> idx(n_ff);
+        std::iota(idx.begin(), idx.end(), 0);
+        auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
+        // the kmax largest, strongest first: the count k <= kmax is known only once the prompt
+        // is done, and is then the first k of every token
+        std::nth_element(idx.begin(), idx.begin() + kmax, idx.end(), before);
+        std::sort(idx.begin(), idx.begin() + kmax, before);
+        uint16_t *out = rows + j * (size_t)kmax;
+        for (int i = 0; i < kmax; ++i) out[i] = (uint16_t)idx[i];
+    });
+}
+std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
+    if (stats.threshold_mode()) return core_neurons_above(stats, n_ff, beta, block);
+    int64_t n_tokens = 0;
+    double total_active = 0.0;
+    for (int32_t n : stats.n_active)
+        if (n >= 0) {
+            ++n_tokens;
+            total_active += n;
+        }
+    if (n_tokens == 0) return {};
+    // one count k for every token: rho times the mean activated count (CoreInfer)
+    const int64_t k = std::min<int64_t>(stats.kmax, (int64_t)std::floor(stats.rho * total_active / (double)n_tokens));
+    std::vector<int64_t> freq(n_ff, 0);
+    for (size_t t = 0; t < stats.n_active.size(); ++t) {
+        if (stats.n_active[t] < 0) continue;
+        const uint16_t *idx = stats.top.data() + t * (size_t)stats.kmax;  // strongest first
+        for (int64_t i = 0; i < k; ++i) ++freq[idx[i]];
+    }
+    return most_frequent(freq, core_count(n_ff, beta, block));
+}
+// ---------------------------------------------------------------- profile: thresholds and tables
+
 void NeuronStats::set_mode(double rho_, float tau_) {
     const bool same_tau = (std::isnan(tau) && std::isnan(tau_)) || tau == tau_;
     if (rho_ == rho && same_tau) return;
-    const size_t n_old = n_active.size();
     rho = rho_;
     tau = tau_;
-    n_active.assign(n_old, -1);  // statistics of another rho or mode: forgotten
-    top.assign(n_old * (size_t)kmax, 0);
-    top_values.assign(n_old * (size_t)kmax, 0.0f);
+    n_active.assign(n_active.size(), -1);  // statistics of another rho or mode: forgotten
 }
-
 void NeuronStats::append_above(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads) {
-    if (n_ff > 65536) throw std::invalid_argument("core neurons need n_ff <= 65536");
-    const int new_kmax = (int)std::floor(rho * (double)n_ff);
-    if (new_kmax != kmax) {  // slots of another size: forget (set_mode keeps kmax)
-        const size_t n_old = n_active.size();
-        kmax = new_kmax;
-        n_active.assign(n_old, -1);
-        top.assign(n_old * (size_t)kmax, 0);
-        top_values.assign(n_old * (size_t)kmax, 0.0f);
-    }
+    if (n_ff >= kNoNeuron) throw std::invalid_argument("core neurons need n_ff < 65535");
+    set_kmax((int)std::floor(rho * (double)n_ff));
     const size_t base = n_active.size();
-    n_active.resize(base + n_tokens);
-    top.resize((base + n_tokens) * (size_t)kmax);
-    top_values.resize((base + n_tokens) * (size_t)kmax);
+    uint16_t *rows = prepare_rows(base, n_tokens);
     const float t = tau;
     parallel_for(n_tokens, n_threads, [&](int64_t j) {
         const float *a = acts + j * n_ff;
@@ -180,16 +159,11 @@ void NeuronStats::append_above(const float *acts, int64_t n_ff, int64_t n_tokens
             std::nth_element(strong.begin(), strong.begin() + kmax, strong.end(),
                              [&](int32_t x, int32_t y) { return a[x] > a[y] || (a[x] == a[y] && x < y); });
         n_active[base + j] = active;
-        uint16_t *out = top.data() + (base + j) * (size_t)kmax;
-        float *out_v = top_values.data() + (base + j) * (size_t)kmax;
+        uint16_t *out = rows + j * (size_t)kmax;
         const int n = (int)std::min<size_t>(strong.size(), (size_t)kmax);
-        for (int i = 0; i < kmax; ++i) {
-            out[i] = i < n ? (uint16_t)strong[i] : 0;
-            out_v[i] = i < n ? a[strong[i]] : -std::numeric_limits<float>::infinity();
-        }
+        for (int i = 0; i < kmax; ++i) out[i] = i < n ? (uint16_t)strong[i] : kNoNeuron;
     });
 }
-
 int64_t NeuronStats::n_with_stats() const {
     int64_t n = 0;
     for (int32_t a : n_active) n += a >= 0;
@@ -202,12 +176,10 @@ std::vector<int32_t> core_neurons_above(const NeuronStats &stats, int64_t n_ff, 
     for (size_t t = 0; t < stats.n_active.size(); ++t) {
         if (stats.n_active[t] < 0) continue;
         const uint16_t *idx = stats.top.data() + t * (size_t)stats.kmax;
-        const float *val = stats.top_values.data() + t * (size_t)stats.kmax;
-        for (int i = 0; i < stats.kmax && val[i] > stats.tau; ++i) ++freq[idx[i]];
+        for (int i = 0; i < stats.kmax && idx[i] != NeuronStats::kNoNeuron; ++i) ++freq[idx[i]];
     }
     return most_frequent(freq, core_count(n_ff, beta, block));
 }
-
 std::vector<int32_t> table_core_neurons(const std::vector<int32_t> &order, int64_t n_ff, double beta, int64_t block) {
     if ((int64_t)order.size() != n_ff) throw std::invalid_argument("a neuron order must list n_ff neurons");
     std::vector<int32_t> set(order.begin(), order.begin() + core_count(n_ff, beta, block));

@@ -34,14 +34,18 @@ struct SparsityParams {
 };
 
 // One layer's per-token neuron statistics, row for row with its KV cache (LayerCache::pos).
+// Slots for the cache's capacity are allocated and written once, when the first statistics
+// arrive (as the KV cache is at creation): memory stays flat over a conversation.
 struct NeuronStats {
+    static constexpr uint16_t kNoNeuron = 0xFFFF;  // an unused slot (threshold mode)
     double rho = 0.0;
-    int kmax = 0;                   // neurons ranked per token: floor(rho * n_ff)
-    std::vector<uint16_t> top;      // [n_tokens * kmax]: each token's kmax largest activations' neurons (any order)
-    std::vector<float> top_values;  // [n_tokens * kmax]: their activations
+    int kmax = 0;                   // slots per token: floor(rho * n_ff)
+    size_t capacity = 0;            // rows the slots are allocated for; grows only past it
+    std::vector<uint16_t> top;      // [capacity * kmax]: each token's kmax largest activations' neurons, largest first
     std::vector<int32_t> n_active;  // per token |Gamma(x)|; -1: no statistics (a token generated sparsely)
 
     size_t size() const { return n_active.size(); }
+    void reserve_rows(size_t rows);  // the KV cache's capacity, before the first append
     void truncate(size_t n);
     void append_none(size_t n);
     // Statistics of n_tokens tokens from their activations, token-major [n_tokens][n_ff].
@@ -49,13 +53,17 @@ struct NeuronStats {
     void append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho, int n_threads);
 
     // Threshold mode (a profile's tau): a token's core neurons are those with a > tau, stored in
-    // its kmax slots (at most kmax: the largest when more pass; unused slots hold -inf), no sort.
+    // its kmax slots (at most kmax: the largest when more pass; unused slots hold kNoNeuron), no sort.
     float tau = std::numeric_limits<float>::quiet_NaN();  // NaN: per-token top-k (append)
     bool threshold_mode() const { return !std::isnan(tau); }
     // Switches rho / mode before an append; statistics of another rho or mode are forgotten.
     void set_mode(double rho, float tau);
     void append_above(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads);
     int64_t n_with_stats() const;
+
+   private:
+    void set_kmax(int kmax);                               // (re)allocates the slots, forgetting them on a change
+    uint16_t *prepare_rows(size_t base, int64_t n_tokens);  // rows base.. of the slots, now in use
 };
 
 // C^beta of threshold-mode statistics: the n_core neurons most often above tau (ties: lower index).

@@ -3,6 +3,7 @@
     python tools/soak.py [--mode dense|corematching|both] [--turns 300] [--images 30] [--seed 0]
                          [--probe-every 25] [--no-warmup-fill] [-n 8] [-c 4096] [-t THREADS]
                          [--out soak.json] [--plot soak.png]
+    python tools/soak.py --from-json soak.json [--out soak.json] [--plot soak.png]   # summarize a saved run
 
 It drives the real REPL of cmx-chat (cmx.cli.repl on a cli.Session built as cmx-chat's main()
 builds it, default model) from a scripted terminal in place of stdin/stdout, so /clear, /image
@@ -20,10 +21,10 @@ start-up image, whose answer must be identical every time. When cmx reports that
 longer fits in n_ctx ("prompt too long"), the turn is asked again after /clear (counted as an
 overflow). Decoding is greedy, at most -n tokens per answer.
 
-RSS follows the longest conversation so far (the engine's compute buffers and CoreMatching's
-per-token neuron statistics grow with the context and are kept for reuse), so the first 20 turns
-fill one conversation to the brim (6 images, then follow-ups) before the random turns begin;
---no-warmup-fill starts the random turns at once. Each turn also records the context length,
+The engine's compute buffers grow to the largest batch and context seen and are kept for reuse
+(the KV cache and CoreMatching's per-token neuron statistics are allocated for the whole n_ctx up
+front), so the first 20 turns fill one conversation to the brim (6 images, then follow-ups) before
+the random turns begin; --no-warmup-fill starts the random turns at once. Each turn also records the context length,
 glibc's malloc'd bytes and Python's allocated blocks, to tell where any growth comes from.
 
 Targets (issue 11, item 3), checked per mode and given by the exit code (0: all met): after the
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -165,22 +167,32 @@ class ScriptedTerminal:
         return text[:-1] if text.endswith("\n") else text
 
 
-def malloc_in_use() -> int | None:
-    """Bytes glibc's malloc has handed out and not taken back (mallinfo2: heap + mmapped chunks),
-    to tell live allocations from heap pages that RSS keeps after free(). None off glibc."""
-    import ctypes
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
+def _mallinfo2():
     try:
-        libc = ctypes.CDLL(None)
-        libc.mallinfo2.restype = MallInfo2
+        fn = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
         return None
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def malloc_bytes() -> tuple[int, int] | tuple[None, None]:
+    """glibc's malloc, all arenas (mallinfo2): bytes handed out and not taken back, and bytes it
+    holds from the system (heaps + mmapped chunks). RSS growing with neither means pages of
+    existing allocations touched for the first time; with the second alone, freed memory that
+    the allocator keeps (fragmentation, another thread's arena). (None, None) off glibc."""
+    if _MALLINFO2 is None:
+        return None, None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd, info.arena + info.hblkhd
 
 
 def start_chat(argv: list[str]):
@@ -234,14 +246,16 @@ def run_mode(mode: str, images: list[SoakImage], schedule: list[Turn], n_predict
             t0 = time.perf_counter()
             answer, overflowed = yield from ask(turn)
             seconds = time.perf_counter() - t0
+            malloc_used, malloc_system = malloc_bytes()
             if "error" in term.reply_err:
                 raise RuntimeError(f"turn {t}: {term.reply_err.strip()}")
             records.append(dict(
                 turn=t, kind=turn.kind, image=turn.image, question=turn.question, answer=answer, overflow=overflowed,
                 seconds=round(seconds, 4), rss_bytes=rss_bytes(),
-                # diagnostics: what the KV cache holds (images at full length), live malloc bytes, Python objects
-                n_cached=len(getattr(session.model, "_cached", ())), malloc_bytes=malloc_in_use(),
-                python_blocks=sys.getallocatedblocks()))
+                # diagnostics: what the KV cache holds (images at full length), malloc, Python objects, kept tokens
+                n_cached=len(getattr(session.model, "_cached", ())), malloc_bytes=malloc_used, malloc_system_bytes=malloc_system,
+                python_blocks=sys.getallocatedblocks(),
+                kept_tokens=[len(k) for k in session.model.last_stats.get("kept_image_tokens", [])]))
             if progress:
                 progress(mode, records[-1])
         yield "/quit"
@@ -282,6 +296,17 @@ def summarize(records: list[dict]) -> dict:
         s["rss_ok"] = s["growth_max_mb"] < GROWTH_LIMIT_MB  # the max bounds the final value too
     else:
         s["rss_ok"] = None  # too short a run to judge
+    # A leak grows with the turns; a high-water mark (a longer context, more kept tokens than
+    # before) is a step. The second half's growth and the drift between probes (the same state:
+    # a new conversation, the same question), both over the run's second half, tell them apart.
+    half = len(rss) // 2
+    s["growth_last_half_mb"] = round((rss[-1] - rss[half]) / mb, 3)
+    probe_turns = [r for r in records[half:] if r["kind"] == "probe"]
+    if len(probe_turns) >= 2 and probe_turns[0]["malloc_bytes"] is not None:
+        span = probe_turns[-1]["turn"] - probe_turns[0]["turn"]
+        s["probe_drift_per_turn"] = {
+            "malloc_bytes": round((probe_turns[-1]["malloc_bytes"] - probe_turns[0]["malloc_bytes"]) / span, 1),
+            "python_blocks": round((probe_turns[-1]["python_blocks"] - probe_turns[0]["python_blocks"]) / span, 2)}
     s["passed"] = bool(s["probes_identical"] and s["rss_ok"] is not False)
     return s
 
@@ -320,7 +345,9 @@ def print_summary(result: dict) -> None:
               f"{s['overflows']} overflows; RSS MB: turn 20 {s.get('rss_turn20_mb')}, final {s['rss_final_mb']}, "
               f"max {s['rss_max_mb']}; growth after turn 20: final {s.get('growth_final_mb')}, max {s.get('growth_max_mb')} "
               f"(limit {GROWTH_LIMIT_MB}); probe answers {'identical' if s['probes_identical'] else 'DIFFER'} "
-              f"({len(s['probe_answers'])}x {sorted(set(s['probe_answers']))}); {'PASS' if s['passed'] else 'FAIL'}")
+              f"({len(s['probe_answers'])}x {sorted(set(s['probe_answers']))}); growth over the last half "
+              f"{s['growth_last_half_mb']} MB, drift per turn between its probes {s.get('probe_drift_per_turn')}; "
+              f"{'PASS' if s['passed'] else 'FAIL'}")
 
 
 def main(argv=None) -> int:
@@ -338,7 +365,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON record: per-turn answers and RSS, summary per mode")
     p.add_argument("--plot", help="PNG of RSS per turn")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--from-json", metavar="RECORD", help="summarize (and --plot) a saved --out record instead of running")
     a = p.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            result = json.load(f)
+        for run in result["modes"].values():
+            run["summary"] = summarize(run["turns"])
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+        if a.plot:
+            plot(result, a.plot)
+        print_summary(result)
+        return 0 if all(run["summary"]["passed"] for run in result["modes"].values()) else 1
     if a.turns < 1 or a.images < 1 or a.probe_every < 1:
         p.error("--turns, --images and --probe-every must be >= 1")
 
