@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <chrono>
 #include <limits>
 #include <numeric>
@@ -80,6 +81,7 @@ struct Engine::Graph {
     ggml_cgraph *gf = nullptr;
     GraphInputs in;
     GraphOutputs out;
+    std::vector<StatsOp> stats_ops;  // per layer, read by the graph's statistics ops
 
     Graph() : mem(ggml_tensor_overhead() * kGraphNodes + ggml_graph_overhead_custom(kGraphNodes, false)) {}
     ~Graph() {
@@ -219,9 +221,9 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     std::vector<uint8_t> dense(hp.n_layer, 0), act_use(hp.n_layer, 0);
     for (int l : sp->dense_layers) dense[l] = 1;
     for (int il = 0; il < hp.n_layer; ++il) {
-        if (sp->neurons && !dense[il]) act_use[il] |= kStats;
+        if (sp->neurons && !dense[il]) act_use[il] |= kActStats;
         if (prune && scored && il == K && sp->score != TokenScore::fastv)
-            act_use[il] |= kCapture | (sp->score == TokenScore::paper ? kStats : 0);
+            act_use[il] |= kActCapture | (sp->score == TokenScore::paper ? kActStats : 0);
     }
     const int64_t n_ff = hp.n_ff;
     auto block_of = [&](int il) { return ggml_blck_size(model_->layers[il].ffn_down->type); };
@@ -358,7 +360,7 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
 }
 
 std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
-                                       const std::vector<uint8_t> &act_use, bool use_compact, int attn_layer) const {
+                                       const std::vector<uint8_t> &act_use, double rho, bool use_compact, int attn_layer) const {
     int64_t n_rows = (int64_t)(end - begin), n_token_rows = 0;
     for (size_t i = begin; i < end; ++i) n_token_rows += batch.tokens[i] >= 0;
     const bool last = end == batch.tokens.size();
@@ -370,7 +372,14 @@ std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t 
         while (layers[group].pos.size() != layers[il].pos.size()) ++group;
         key.push_back(std::min<int64_t>(cache_->n_ctx, GGML_PAD((int64_t)layers[il].pos.size() + n_rows, 256)));
         key.push_back((int64_t)group);
-        key.push_back(act_use[il] != 0);
+        key.push_back(act_use[il]);
+        if (act_use[il] & kActStats) {  // the statistics op's slots and threshold
+            const StatsOp op = stats_ops(rho)[il];
+            int32_t tau_bits;
+            std::memcpy(&tau_bits, &op.tau, sizeof tau_bits);
+            key.push_back(op.kmax);
+            key.push_back(tau_bits);
+        }
     }
     return key;
 }
@@ -387,11 +396,11 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
     if (!to_logits) so.hidden.resize(n * (size_t)hp.n_embd);
     int capture_layer = -1;
     for (int il = layer_begin; il < layer_end; ++il)
-        if (act_use[il] & kCapture) capture_layer = il;
+        if (act_use[il] & kActCapture) capture_layer = il;
     if (capture_layer >= 0) so.captured.resize(n * (size_t)hp.n_ff);
 
     int embd_begin = 0;
-    std::vector<float> acts;
+    std::vector<int32_t> stats_rows;
     for (size_t begin = 0; begin < n; begin += step) {
         const size_t end = std::min(n, begin + step);
         const int64_t n_rows = (int64_t)(end - begin);
@@ -400,7 +409,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         std::vector<int32_t> out_rows;  // relative to this graph's rows
         if (last)
             for (int32_t r : batch.out_rows) out_rows.push_back(r - (int32_t)begin);
-        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, use_compact, attn_layer);
+        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, rho, use_compact, attn_layer);
         if (!graph_ || graph_->key != key) {
             graph_.reset();
             auto g = std::make_unique<Graph>();
@@ -411,7 +420,8 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             Batch shape;  // what the builder reads: row kinds and the number of outputs
             shape.tokens = batch.tokens;
             shape.out_rows = out_rows;
-            GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, use_compact ? &compact_ : nullptr, attn_layer};
+            g->stats_ops = stats_ops(rho);
+            GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, &g->stats_ops, use_compact ? &compact_ : nullptr, attn_layer};
             g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
             ggml_backend_sched_reset(sched_);
             if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
@@ -475,23 +485,23 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         for (int il = layer_begin; il < layer_end; ++il) {
             LayerCache &lc = cache_->layers[il];
             lc.pos.insert(lc.pos.end(), pos, pos + n_rows);
-            ggml_tensor *act = nullptr;
             for (auto &[l, t] : go.acts)
-                if (l == il) act = t;
-            if (!act) {
+                if (l == il)  // [n_rows][n_ff]
+                    ggml_backend_tensor_get(t, so.captured.data() + begin * hp.n_ff, 0, ggml_nbytes(t));
+            ggml_tensor *st = nullptr;
+            for (auto &[l, t] : go.stats)
+                if (l == il) st = t;
+            if (!st) {
                 lc.stats.append_none(n_rows);
                 continue;
             }
-            acts.resize(ggml_nelements(act));  // [n_rows][n_ff]
-            ggml_backend_tensor_get(act, acts.data(), 0, ggml_nbytes(act));
-            if (act_use[il] & kCapture) std::copy(acts.begin(), acts.end(), so.captured.begin() + begin * hp.n_ff);
-            if (act_use[il] & kStats) {
-                auto t0 = std::chrono::steady_clock::now();
-                append_stats(lc.stats, il, acts.data(), n_rows, rho);
-                if (stats_ms) *stats_ms += ms_since(t0);
-            } else {
-                lc.stats.append_none(n_rows);
-            }
+            auto t0 = std::chrono::steady_clock::now();
+            const StatsOp &op = graph_->stats_ops[il];
+            stats_rows.resize(ggml_nelements(st));  // [n_rows][1 + kmax]
+            ggml_backend_tensor_get(st, stats_rows.data(), 0, ggml_nbytes(st));
+            lc.stats.configure(rho, op.tau, hp.n_ff);
+            lc.stats.append_rows(stats_rows.data(), n_rows);
+            if (stats_ms) *stats_ms += ms_since(t0);
         }
         for (int64_t i = 0; i < n_rows; ++i) embd_begin += batch.tokens[begin + i] == -1;
     }
@@ -521,11 +531,15 @@ void Engine::validate_profile_params(const SparsityParams &sp) const {
     }
 }
 
-void Engine::append_stats(NeuronStats &stats, int il, const float *acts, int64_t n_rows, double rho) {
-    const float tau = il < (int)stat_thresholds_.size() ? stat_thresholds_[il] : std::numeric_limits<float>::quiet_NaN();
-    stats.set_mode(rho, tau);
-    if (stats.threshold_mode()) stats.append_above(acts, model_->hp.n_ff, n_rows, model_->n_threads);
-    else stats.append(acts, model_->hp.n_ff, n_rows, rho, model_->n_threads);
+std::vector<StatsOp> Engine::stats_ops(double rho) const {
+    const HParams &hp = model_->hp;
+    std::vector<StatsOp> ops(hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        ops[il].n_ff = hp.n_ff;
+        ops[il].kmax = (int)std::floor(rho * (double)hp.n_ff);
+        ops[il].tau = il < (int)stat_thresholds_.size() ? stat_thresholds_[il] : std::numeric_limits<float>::quiet_NaN();
+    }
+    return ops;
 }
 
 std::vector<int32_t> Engine::layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const {

@@ -21,6 +21,10 @@ namespace cmx {
 // [n_ctx, n_embd_kv], so attention reads it with one matmul (llama.cpp's non-flash layout).
 // pos[j] is the RoPE position of cached token j; size() of pos is the layer's length.
 // stats holds, row for row, what CoreMatching needs of each cached token's FFN activations.
+// What a graph does with a layer's FFN activations (bit flags per layer): neuron statistics
+// (computed in the graph), or the activations themselves (token scores at the pruning layer).
+enum ActUse : uint8_t { kActStats = 1, kActCapture = 2 };
+
 struct LayerCache {
     ggml_tensor *k = nullptr;
     ggml_tensor *v = nullptr;
@@ -116,14 +120,12 @@ class Engine {
     int n_batch() const { return params_.n_batch; }
 
    private:
-    struct Graph;  // a built, allocated graph kept for reuse (graph.h)
+    struct Graph;  // a built, allocated graph kept for reuse (engine.cpp)
 
-    // What a stage does with a layer's FFN activations (bit flags per layer).
-    enum ActUse : uint8_t { kStats = 1, kCapture = 2 };
     struct StageOut {
         std::vector<float> logits;    // of out_rows, from the last graph
         std::vector<float> hidden;    // [n_rows][n_embd], when the stage ends before the last layer
-        std::vector<float> captured;  // [n_rows][n_ff], activations of the layer flagged kCapture
+        std::vector<float> captured;  // [n_rows][n_ff], activations of the layer flagged kActCapture
         std::vector<float> last_attention;  // [n_head][n_kv]: the attn_layer's weights of the last row
         int64_t last_attention_n_kv = 0;
     };
@@ -148,14 +150,15 @@ class Engine {
     void validate(const Batch &batch) const;
     // The stored-profile parts of SparsityParams (thresholds, neuron_order), checked.
     void validate_profile_params(const SparsityParams &sp) const;
-    // A layer's statistics of n_rows activations: threshold mode when stat_thresholds_ has its tau.
-    void append_stats(NeuronStats &stats, int il, const float *acts, int64_t n_rows, double rho);
+    // Per layer, what the graph's statistics ops compute: kmax slots for rho, and the running
+    // prefill's tau (stat_thresholds_; NaN: sort mode).
+    std::vector<StatsOp> stats_ops(double rho) const;
     // A sparse layer's C^beta after a prefill: from its statistics, or the stored table when the
     // layer holds fewer than sp.short_prompt_tokens tokens with statistics.
     std::vector<int32_t> layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const;
     void validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const;
     std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
-                                   const std::vector<uint8_t> &act_use, bool use_compact, int attn_layer) const;
+                                   const std::vector<uint8_t> &act_use, double rho, bool use_compact, int attn_layer) const;
 
     std::shared_ptr<Model> model_;
     EngineParams params_;

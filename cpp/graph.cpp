@@ -125,6 +125,16 @@ struct Builder {
     }
 };
 
+// ggml custom op: token_stats of each activation row, rows split over the op's threads.
+void stats_rows(ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const StatsOp &op = *(const StatsOp *)userdata;
+    const ggml_tensor *act = dst->src[0];  // F32 [n_ff, n_rows]
+    const int64_t n_rows = act->ne[1];
+    for (int64_t r = ith; r < n_rows; r += nth)
+        token_stats((const float *)((const char *)act->data + r * act->nb[1]), op.n_ff, op.kmax, op.tau,
+                    (int32_t *)((char *)dst->data + r * dst->nb[1]));
+}
+
 ggml_tensor *input_tensor(ggml_context *ctx, ggml_type type, int64_t n0, int64_t n1, const char *name) {
     ggml_tensor *t = n1 ? ggml_new_tensor_2d(ctx, type, n0, n1) : ggml_new_tensor_1d(ctx, type, n0);
     ggml_set_name(t, name);
@@ -168,7 +178,8 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
     if (n_out) in.out_rows = input_tensor(ctx, GGML_TYPE_I32, n_out, 0, "inp_out_rows");
 
     for (int il = spec.layer_begin; il < spec.layer_end; ++il) {
-        const bool collect = spec.collect_acts && (*spec.collect_acts)[il];
+        const uint8_t use = spec.act_use ? (*spec.act_use)[il] : 0;
+        const bool capture = use & kActCapture, stats = use & kActStats, collect = capture || stats;
         const CompactFfn::Layer *core = spec.compact ? spec.compact->layer(il) : nullptr;
         ggml_tensor *act = nullptr;
 
@@ -186,10 +197,20 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         if (narrow) h = ggml_get_rows(ctx, h, in.out_rows);
         x = ggml_add(ctx, h, b.ffn(il, b.rms_norm(h, model.layers[il].ffn_norm), core, collect ? &act : nullptr));
         if (il == hp.n_layer - 1 && in.out_rows && !narrow) x = ggml_get_rows(ctx, x, in.out_rows);
-        if (collect) {
+        if (capture) {
             ggml_set_output(act);
             ggml_build_forward_expand(gf, act);
             out.acts.push_back({il, act});
+        }
+        if (stats) {
+            StatsOp *op = const_cast<StatsOp *>(&(*spec.stats_ops)[il]);  // read-only in stats_rows
+            ggml_tensor *args[1] = {ggml_is_contiguous(act) ? act : ggml_cont(ctx, act)};
+            ggml_tensor *st = ggml_custom_4d(ctx, GGML_TYPE_I32, 1 + op->kmax, act->ne[1], 1, 1, args, 1, stats_rows,
+                                             GGML_N_TASKS_MAX, op);  // [1 + kmax, n_rows]
+            ggml_format_name(st, "neuron_stats_l%d", il);
+            ggml_set_output(st);
+            ggml_build_forward_expand(gf, st);
+            out.stats.push_back({il, st});
         }
     }
     if (!to_logits) {

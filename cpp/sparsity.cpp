@@ -80,36 +80,66 @@ uint16_t *NeuronStats::prepare_rows(size_t base, int64_t n_tokens) {
     n_active.resize(base + (size_t)n_tokens);
     return top.data() + base * (size_t)kmax;
 }
-void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho_, int n_threads) {
-    if (n_ff >= kNoNeuron) throw std::invalid_argument("core neurons need n_ff < 65535");
-    if (rho_ != rho || threshold_mode()) {
-        // statistics of another rho rank a different number of neurons: forget them
-        rho = rho_;
-        tau = std::numeric_limits<float>::quiet_NaN();
-        n_active.assign(n_active.size(), -1);
-    }
-    set_kmax((int)std::floor(rho * (double)n_ff));
-    const size_t base = n_active.size();
-    uint16_t *rows = prepare_rows(base, n_tokens);
-    parallel_for(n_tokens, n_threads, [&](int64_t j) {
-        const float *a = acts + j * n_ff;
-        std::vector<float> v(a, a + n_ff);
-        int32_t active = 0;
-        for (float &x : v) {
-            active += x > 0.0f;
-            if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();  // keeps the order strict
+void token_stats(const float *a, int64_t n_ff, int kmax, float tau, int32_t *out) {
+    int32_t active = 0;
+    if (!std::isnan(tau)) {  // threshold mode: no sort, unless more neurons pass than the slots hold
+        std::vector<int32_t> strong;
+        strong.reserve(kmax);
+        for (int64_t i = 0; i < n_ff; ++i) {
+            active += a[i] > 0.0f;
+            if (a[i] > tau) strong.push_back((int32_t)i);  // NaN compares false: never strong
         }
-        n_active[base + j] = active;
-        std::vector<int32_t> idx(n_ff);
-        std::iota(idx.begin(), idx.end(), 0);
-        auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
-        // the kmax largest, strongest first: the count k <= kmax is known only once the prompt
-        // is done, and is then the first k of every token
-        std::nth_element(idx.begin(), idx.begin() + kmax, idx.end(), before);
-        std::sort(idx.begin(), idx.begin() + kmax, before);
-        uint16_t *out = rows + j * (size_t)kmax;
-        for (int i = 0; i < kmax; ++i) out[i] = (uint16_t)idx[i];
-    });
+        if ((int64_t)strong.size() > kmax)  // rare: keep the largest
+            std::nth_element(strong.begin(), strong.begin() + kmax, strong.end(),
+                             [&](int32_t x, int32_t y) { return a[x] > a[y] || (a[x] == a[y] && x < y); });
+        const int n = (int)std::min<size_t>(strong.size(), (size_t)kmax);
+        out[0] = active;
+        for (int i = 0; i < kmax; ++i) out[1 + i] = i < n ? strong[i] : NeuronStats::kNoNeuron;
+        return;
+    }
+    std::vector<float> v(a, a + n_ff);
+    for (float &x : v) {
+        active += x > 0.0f;
+        if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();  // keeps the order strict
+    }
+    std::vector<int32_t> idx(n_ff);
+    std::iota(idx.begin(), idx.end(), 0);
+    auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
+    // the kmax largest, strongest first: the count k <= kmax is known only once the prompt is
+    // done, and is then the first k of every token
+    std::nth_element(idx.begin(), idx.begin() + kmax, idx.end(), before);
+    std::sort(idx.begin(), idx.begin() + kmax, before);
+    out[0] = active;
+    std::copy_n(idx.begin(), kmax, out + 1);
+}
+
+void NeuronStats::configure(double rho_, float tau_, int64_t n_ff) {
+    if (n_ff >= kNoNeuron) throw std::invalid_argument("core neurons need n_ff < 65535");
+    set_mode(rho_, tau_);
+    set_kmax((int)std::floor(rho * (double)n_ff));
+}
+
+void NeuronStats::append_rows(const int32_t *rows, int64_t n_tokens) {
+    const size_t base = n_active.size();
+    uint16_t *slots = prepare_rows(base, n_tokens);
+    const size_t stride = 1 + (size_t)kmax;
+    for (int64_t j = 0; j < n_tokens; ++j) {
+        const int32_t *row = rows + j * stride;
+        n_active[base + j] = row[0];
+        for (int i = 0; i < kmax; ++i) slots[j * (size_t)kmax + i] = (uint16_t)row[1 + i];
+    }
+}
+
+void NeuronStats::append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho_, int n_threads) {
+    configure(rho_, std::numeric_limits<float>::quiet_NaN(), n_ff);
+    append_computed(acts, n_ff, n_tokens, n_threads);
+}
+
+void NeuronStats::append_computed(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads) {
+    const size_t stride = 1 + (size_t)kmax;
+    std::vector<int32_t> rows(n_tokens * stride);
+    parallel_for(n_tokens, n_threads, [&](int64_t j) { token_stats(acts + j * n_ff, n_ff, kmax, tau, rows.data() + j * stride); });
+    append_rows(rows.data(), n_tokens);
 }
 std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
     if (stats.threshold_mode()) return core_neurons_above(stats, n_ff, beta, block);
@@ -140,29 +170,10 @@ void NeuronStats::set_mode(double rho_, float tau_) {
     tau = tau_;
     n_active.assign(n_active.size(), -1);  // statistics of another rho or mode: forgotten
 }
+
 void NeuronStats::append_above(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads) {
-    if (n_ff >= kNoNeuron) throw std::invalid_argument("core neurons need n_ff < 65535");
-    set_kmax((int)std::floor(rho * (double)n_ff));
-    const size_t base = n_active.size();
-    uint16_t *rows = prepare_rows(base, n_tokens);
-    const float t = tau;
-    parallel_for(n_tokens, n_threads, [&](int64_t j) {
-        const float *a = acts + j * n_ff;
-        int32_t active = 0;
-        std::vector<int32_t> strong;
-        strong.reserve(kmax);
-        for (int64_t i = 0; i < n_ff; ++i) {
-            active += a[i] > 0.0f;
-            if (a[i] > t) strong.push_back((int32_t)i);  // NaN compares false: never strong
-        }
-        if ((int64_t)strong.size() > kmax)  // rare: more than the slots hold; keep the largest
-            std::nth_element(strong.begin(), strong.begin() + kmax, strong.end(),
-                             [&](int32_t x, int32_t y) { return a[x] > a[y] || (a[x] == a[y] && x < y); });
-        n_active[base + j] = active;
-        uint16_t *out = rows + j * (size_t)kmax;
-        const int n = (int)std::min<size_t>(strong.size(), (size_t)kmax);
-        for (int i = 0; i < kmax; ++i) out[i] = i < n ? (uint16_t)strong[i] : kNoNeuron;
-    });
+    configure(rho, tau, n_ff);
+    append_computed(acts, n_ff, n_tokens, n_threads);
 }
 int64_t NeuronStats::n_with_stats() const {
     int64_t n = 0;

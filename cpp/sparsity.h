@@ -51,6 +51,10 @@ struct NeuronStats {
     // Statistics of n_tokens tokens from their activations, token-major [n_tokens][n_ff].
     // A different rho than the stored one invalidates the stored tokens.
     void append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho, int n_threads);
+    // Sets rho and tau (NaN: sort mode) for the next append_rows; a change forgets what is stored.
+    void configure(double rho, float tau, int64_t n_ff);
+    // Statistics already computed by token_stats (the graph's op): [n_tokens][1 + kmax].
+    void append_rows(const int32_t *rows, int64_t n_tokens);
 
     // Threshold mode (a profile's tau): a token's core neurons are those with a > tau, stored in
     // its kmax slots (at most kmax: the largest when more pass; unused slots hold kNoNeuron), no sort.
@@ -62,8 +66,22 @@ struct NeuronStats {
     int64_t n_with_stats() const;
 
    private:
+    void append_computed(const float *acts, int64_t n_ff, int64_t n_tokens, int n_threads);
     void set_kmax(int kmax);                               // (re)allocates the slots, forgetting them on a change
     uint16_t *prepare_rows(size_t base, int64_t n_tokens);  // rows base.. of the slots, now in use
+};
+
+// One token's statistics from its n_ff activations (NeuronStats::append and the graph's statistics
+// op compute them the same way): out[0] = |Gamma(x)|, out[1..kmax] its slots, strongest first; in
+// threshold mode (tau not NaN) the neurons above tau, then kNoNeuron.
+void token_stats(const float *a, int64_t n_ff, int kmax, float tau, int32_t *out);
+
+// A layer's token_stats computed in the graph, row by row, so that only
+// 1 + kmax integers per row leave it instead of n_ff activations.
+struct StatsOp {
+    int64_t n_ff = 0;
+    int kmax = 0;
+    float tau = 0.0f;  // NaN: sort mode
 };
 
 // C^beta of threshold-mode statistics: the n_core neurons most often above tau (ties: lower index).
