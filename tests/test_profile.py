@@ -230,6 +230,14 @@ def _corrupt(src, dst, profile, change):
     return dst
 
 
+def _order_past_int32(keys):
+    """Every index i stored as the u64 2^32 + i (an int32 cast gives i back)."""
+    from gguf import GGUFValueType
+
+    keys[KEY_ORDER][1] = [v + 2**32 for v in keys[KEY_ORDER][1]]
+    keys[KEY_ORDER][3] = GGUFValueType.UINT64
+
+
 def _set(key, value, kind=None):
     from gguf import GGUFValueType
 
@@ -253,6 +261,10 @@ CORRUPTIONS = {
     "frequency_short": (lambda k: k[KEY_FREQUENCY].__setitem__(1, k[KEY_FREQUENCY][1][:5]), "cmx.core_frequency holds"),
     "rho_string": (_set(KEY_RHO, "0.2", "STRING"), "must be a number"),
     "missing": (lambda k: k.pop(KEY_SHORT_PROMPT), "lacks cmx.short_prompt_tokens"),
+    # found by tools/fuzz.py's profile kind: an unclear TypeError at the first generate (the
+    # engine's count is an int), and indices 2^32 + i cut to i by the int32 cast
+    "short_prompt_huge": (_set(KEY_SHORT_PROMPT, 2**31), r"must be in \[0, 2147483647\], got 2147483648"),
+    "order_past_int32": (_order_past_int32, "outside"),
 }
 
 

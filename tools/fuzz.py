@@ -34,7 +34,15 @@ Decisions
   chat     random message structures and call options (wrong types, missing keys, nested garbage,
            huge strings, special tokens, lone surrogates) -> Model.chat on SmolLM2 without vision,
            n_ctx 64, one Model per worker (its KV cache carries over, as in a conversation).
-  cmx.* profile metadata does not exist yet: no kind for it.
+  profile  the tiny model with a cmx-profile profile (cmx.* keys: version, sizes, rho/beta, K and
+           bounds, per-layer tau, core frequencies and neuron order; made here from a seeded
+           CoreProfile, written as cmx-profile writes it), its cmx.* keys mutated (profile_mutate:
+           wrong types and array element types, array lengths, huge counts and sizes, neuron
+           indices out of range / repeated / wider than int32, NaN/inf thresholds and frequencies,
+           missing, duplicated or renamed keys, other versions, another model's sizes, truncation in
+           the cmx.* keys). cmx.Model with CoreMatching on, every layer sparse, the profile's rho (so
+           the tables are used); if it loads: info, a 2-token generate (the short-prompt table) and
+           a 12-token one (thresholds).
 - GGUF mutations (gguf_mutate): structure-aware ops on a parsed header (key values replaced by
   interesting values of the same or another type, keys dropped/duplicated/added/renamed, array
   elements and lengths, tensor shapes, types, names and offsets: overlapping, misaligned, past the
@@ -78,9 +86,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-KINDS = ("smollm2", "tiny", "mmproj", "lora", "png", "jpeg", "gif", "webp", "chat")
+KINDS = ("smollm2", "tiny", "mmproj", "lora", "png", "jpeg", "gif", "webp", "chat", "profile")
 # Share of the cases per kind (their costs differ: an image case is ~5 ms, a loading GGUF ~150 ms).
-WEIGHTS = {"smollm2": 4, "tiny": 3, "mmproj": 2, "lora": 2, "png": 1.5, "jpeg": 1.5, "gif": 1.5, "webp": 1.5, "chat": 3}
+WEIGHTS = {"smollm2": 4, "tiny": 3, "mmproj": 2, "lora": 2, "png": 1.5, "jpeg": 1.5, "gif": 1.5, "webp": 1.5, "chat": 3,
+           "profile": 2}
 
 # A loaded mmproj encodes for real in every ENCODE_EVERY-th case (1.2 s each on one core).
 ENCODE_EVERY = int(os.environ.get("CMX_FUZZ_ENCODE_EVERY", "8"))
@@ -650,6 +659,275 @@ def write_tiny_model(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The profiled tiny model (cmx.* keys) and its mutations
+
+PROFILE_RHO = 0.2  # the profile's rho: a case's Sparsity asks for it, so that the tables are used
+PROFILE_SHORT = 4  # short_prompt_tokens: a 2-token prompt takes the stored table, 12 tokens thresholds
+
+
+def write_profiled_tiny(src: str, path: str) -> str:
+    """src (the tiny model) with a profile as cmx-profile writes it: seeded tables of the right
+    shapes (no calibration run: what is fuzzed is the reading of the keys, not their values)."""
+    import numpy as np
+
+    from cmx.coreprofile import CoreProfile, write_profiled_gguf
+
+    rng = np.random.default_rng(4321)
+    n_layer, n_ff = 2, 64
+    freq = rng.uniform(0.0, 1.0, (n_layer, n_ff)).astype(np.float32)
+    order = np.stack([np.argsort(-f, kind="stable") for f in freq]).astype(np.int32)
+    p = CoreProfile(n_layer=n_layer, n_ff=n_ff, rho=PROFILE_RHO, beta=0.4, frequency=freq, neuron_order=order,
+                    tau=np.array([0.05, 0.08], np.float32), prune_layer=0, min_keep=0.25, max_keep=1.0,
+                    short_prompt_tokens=PROFILE_SHORT, source="fuzz-tiny.gguf", calibration_kind="prompts",
+                    calibration_prompts=8, calibration_tokens=200, date="2026-01-01T00:00:00Z",
+                    measures='{"fuzz": true}')
+    write_profiled_gguf(src, path, p)
+    return path
+
+
+PROFILE_ARRAYS = ("cmx.tau", "cmx.core_frequency", "cmx.neuron_order")
+NUMERIC_TYPES = [t for t in GGUF_SCALAR if t != 7]
+
+
+def _cmx_indices(g: GGUF) -> list[int]:
+    return [i for i, b in enumerate(g.kvs) if b.name.startswith("cmx.")]
+
+
+def _find_kv(g: GGUF, key: str) -> int | None:
+    return next((i for i, b in enumerate(g.kvs) if b.name == key), None)
+
+
+def _kv_value(g: GGUF, key: str):
+    i = _find_kv(g, key)
+    return None if i is None else decode_kv(g.kvs[i])[2]
+
+
+def _set_kv(g: GGUF, key: str, vtype: int, value) -> None:
+    try:
+        blob = kv_blob(key.encode(), vtype, value)
+    except (struct.error, TypeError, ValueError, OverflowError):
+        return
+    i = _find_kv(g, key)
+    if i is None:
+        g.kvs.append(blob)
+    else:
+        g.kvs[i] = blob
+
+
+def _fits(vtype: int, v) -> bool:
+    try:
+        struct.pack(GGUF_SCALAR[vtype], v)
+        return True
+    except (struct.error, TypeError, OverflowError):
+        return False
+
+
+def _profile_array(rng: random.Random, g: GGUF, desc: list, n_layer: int, n_ff: int) -> None:
+    """An array key's elements, length or element type."""
+    key = rng.choice(PROFILE_ARRAYS)
+    value = _kv_value(g, key)
+    if not isinstance(value, tuple):
+        return
+    atype, items = value[0], list(value[1])
+    op = rng.randrange(7)
+    if op == 0:  # a wrong length: one short or long, a layer, empty, doubled, huge
+        n = len(items)
+        new_n = rng.choice([0, 1, n - 1, n + 1, n - n_ff, n + n_ff, n_layer, n_ff, 2 * n, 100000])
+        items = (items * (new_n // max(1, n) + 1))[:new_n] if items else [0] * new_n
+        desc.append(f"{key} length {n} -> {new_n}")
+    elif op == 1 and key == "cmx.neuron_order":  # out-of-range or repeated indices
+        j = rng.randrange(len(items)) if items else 0
+        if items and rng.random() < 0.5:
+            layer = j // n_ff
+            k = layer * n_ff + rng.randrange(n_ff)
+            items[j] = items[k]
+            desc.append(f"{key}[{j}] = [{k}] (repeated)")
+        elif items:
+            items[j] = rng.choice([n_ff, n_ff + 1, -1, 2**31 - 1, -(2**31), 1000, n_ff * n_layer])
+            desc.append(f"{key}[{j}] = {items[j]}")
+    elif op == 2 and key == "cmx.neuron_order":  # a valid permutation of another kind, or one layer's twice
+        if rng.random() < 0.5 and len(items) >= 2 * n_ff:
+            items[n_ff : 2 * n_ff] = items[:n_ff]  # layer 1 = layer 0 (valid)
+            desc.append(f"{key} layer 1 = layer 0")
+        elif items:
+            layer = rng.randrange(max(1, len(items) // n_ff))
+            seg = items[layer * n_ff : (layer + 1) * n_ff]
+            rng.shuffle(seg)
+            items[layer * n_ff : (layer + 1) * n_ff] = seg
+            desc.append(f"{key} layer {layer} shuffled")
+    elif op == 3:  # another element type (wider ints that wrap to valid int32 indices, floats, bools, strings)
+        new_atype = rng.choice(NUMERIC_TYPES + [7, T_STRING])
+        wrap = rng.random() < 0.5 and new_atype in (10, 11) and key == "cmx.neuron_order"
+        if new_atype == T_STRING:
+            items = [str(v).encode() for v in items]
+        elif new_atype in (6, 12):
+            items = [float(v) for v in items]
+        elif new_atype == 7:
+            items = [1 if v else 0 for v in items]
+        else:
+            items = [int(v) if isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)) else 0 for v in items]
+            if wrap:  # 2^32 + i: i once cut to int32
+                items = [v + 2**32 for v in items]
+            items = [v if _fits(new_atype, v) else interesting_int(rng, GGUF_SCALAR[new_atype]) for v in items]
+        atype = new_atype
+        desc.append(f"{key} element type -> {new_atype}" + (" (+2^32)" if wrap else ""))
+    else:  # special values: one element or all
+        if atype in (6, 12):
+            v = rng.choice([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.0, 1.5, 3.4e38, -3.4e38, 1e-45, 1e30])
+        elif atype in GGUF_SCALAR and atype != 7:
+            v = interesting_int(rng, GGUF_SCALAR[atype])
+        else:
+            return
+        if items and rng.random() < 0.6:
+            j = rng.randrange(len(items))
+            items[j] = v
+            desc.append(f"{key}[{j}] = {v!r}")
+        else:
+            items = [v] * len(items)
+            desc.append(f"{key}[:] = {v!r}")
+    _set_kv(g, key, T_ARRAY, (atype, items))
+
+
+SCALAR_KEYS = {  # key: stored type (as profile_keys writes it)
+    "cmx.version": 4, "cmx.block_count": 4, "cmx.feed_forward_length": 4, "cmx.rho": 6, "cmx.beta": 6,
+    "cmx.prune_layer": 4, "cmx.min_keep": 6, "cmx.max_keep": 6, "cmx.short_prompt_tokens": 4,
+    "cmx.profile.calibration.prompts": 4, "cmx.profile.calibration.tokens": 10,
+}
+
+
+def _profile_scalar(rng: random.Random, g: GGUF, desc: list, n_layer: int, n_ff: int) -> None:
+    key = rng.choice(list(SCALAR_KEYS) + ["cmx.version", "cmx.short_prompt_tokens", "cmx.prune_layer"])
+    vtype = SCALAR_KEYS[key]
+    if rng.random() < 0.3:  # the same value in another numeric type (u8, i64, f64, bool, ...)
+        cur = _kv_value(g, key)
+        vtype = rng.choice(NUMERIC_TYPES + [7])
+        v = cur if cur is not None else 1
+        v = float(v) if vtype in (6, 12) else (int(v) if not isinstance(v, float) or math.isfinite(v) else 0)
+        if not _fits(vtype, v):
+            v = interesting_int(rng, GGUF_SCALAR[vtype]) if vtype not in (6, 12) else interesting_float(rng)
+        desc.append(f"{key} as type {vtype} = {v!r}")
+    elif vtype in (6, 12):
+        v = interesting_float(rng, _kv_value(g, key))
+        desc.append(f"{key} = {v!r}")
+    else:
+        special = {"cmx.version": [0, 2, 99], "cmx.block_count": [0, 1, n_layer + 1],
+                   "cmx.feed_forward_length": [0, 1, n_ff - 1, n_ff + 1], "cmx.prune_layer": [1, n_layer - 1, n_layer],
+                   "cmx.short_prompt_tokens": [0, 1, 2, 3, 100, 2**31 - 1, 2**31]}
+        cands = special.get(key, [])
+        v = rng.choice(cands) if cands and rng.random() < 0.5 else interesting_int(rng, GGUF_SCALAR[vtype], _kv_value(g, key))
+        if not _fits(vtype, v):
+            v = interesting_int(rng, GGUF_SCALAR[vtype])
+        desc.append(f"{key} = {v}")
+    _set_kv(g, key, vtype, v)
+
+
+def _profile_other_model(rng: random.Random, g: GGUF, desc: list, n_layer: int, n_ff: int) -> None:
+    """A consistent profile of other sizes (another model's, or huge sizes with arrays to match the
+    product where it is small)."""
+    L = rng.choice([1, 2, 3, 4])
+    F = rng.choice([1, 8, 32, 63, 64, 65, 128])
+    vtype = 4
+    if rng.random() < 0.2:  # huge; the last two as u64 whose product wraps to the arrays' 128 values mod 2^64
+        L, F = rng.choice([(2**16, 2**16), (2**31, 2), (1, 2**32 - 1), (2**32 - 1, 2**32 - 1), (2**63 + 64, 2), (2**62 + 32, 4)])
+        vtype = 10 if max(L, F) >= 2**32 else 4
+    _set_kv(g, "cmx.block_count", vtype, L)
+    _set_kv(g, "cmx.feed_forward_length", vtype, F)
+    if L * F <= 1 << 16:
+        order = []
+        for _ in range(L):
+            perm = list(range(F))
+            rng.shuffle(perm)
+            order += perm
+        _set_kv(g, "cmx.neuron_order", T_ARRAY, (5, order))
+        _set_kv(g, "cmx.core_frequency", T_ARRAY, (6, [rng.random() for _ in range(L * F)]))
+        _set_kv(g, "cmx.tau", T_ARRAY, (6, [0.05] * L))
+        if rng.random() < 0.5:
+            _set_kv(g, "cmx.prune_layer", 4, max(0, L - 2))
+    desc.append(f"sizes {L} x {F}")
+
+
+def _profile_keyset(rng: random.Random, g: GGUF, desc: list, n_layer: int, n_ff: int) -> None:
+    idx = _cmx_indices(g)
+    if not idx:
+        return
+    i = rng.choice(idx)
+    key, vtype, value = decode_kv(g.kvs[i])
+    op = rng.randrange(5)
+    if op == 0:  # missing
+        desc.append(f"drop {g.kvs[i].name}")
+        del g.kvs[i]
+    elif op == 1:  # twice (the same value, or another type)
+        other = g.kvs[i]
+        if rng.random() < 0.5:
+            t = rng.choice(ALL_TYPES)
+            other = kv_blob(key, t, random_value(rng, t))
+        g.kvs.insert(rng.randrange(len(g.kvs) + 1), other)
+        desc.append(f"dup {g.kvs[i].name}")
+    elif op == 2:  # another type altogether (a scalar for an array, an array for a scalar, a string)
+        t = rng.choice(ALL_TYPES)
+        g.kvs[i] = kv_blob(key, t, random_value(rng, t))
+        desc.append(f"type {key.decode()} -> {t}")
+    elif op == 3:  # renamed: to another cmx key (one twice, one missing), or a near miss
+        new = rng.choice([g.kvs[rng.choice(idx)].name.encode(), key + b"x", key.upper(), b"cmx.", b"cmx", key[:-1]])
+        g.kvs[i] = kv_blob(new, vtype, value)
+        desc.append(f"rename {key.decode()} -> {new.decode(errors='replace')}")
+    else:  # an unknown cmx.* key (a newer writer's)
+        t = rng.choice(ALL_TYPES)
+        g.kvs.insert(rng.randrange(len(g.kvs) + 1), kv_blob(b"cmx.future_table", t, random_value(rng, t)))
+        desc.append(f"add cmx.future_table type {t}")
+
+
+def _profile_bytes(rng: random.Random, head: bytearray, g: GGUF, desc: list) -> None:
+    """An interesting value over a numeric field of a cmx.* key (array counts, string lengths,
+    types) or a bit flip inside the cmx.* keys: the file no longer parses as written."""
+    pos, spans = 24, []
+    for b in g.kvs:
+        if b.name.startswith("cmx."):
+            spans.append((pos, b))
+        pos += len(b.raw)
+    if not spans:
+        return
+    start, blob = rng.choice(spans)
+    if rng.random() < 0.75:
+        fields = [f for f in blob.fields if not f[2].endswith("[]")] or blob.fields
+        rel, fmt, label = rng.choice(fields)
+        if fmt in ("<f", "<d"):
+            struct.pack_into(fmt, head, start + rel, interesting_float(rng))
+        else:
+            struct.pack_into(fmt, head, start + rel, interesting_int(rng, fmt, struct.unpack_from(fmt, head, start + rel)[0]))
+        desc.append(f"field {blob.name}:{label}")
+    else:
+        p = start + rng.randrange(len(blob.raw))
+        head[p] ^= 1 << rng.randrange(8)
+        desc.append(f"flip in {blob.name}")
+
+
+def profile_mutate(rng: random.Random, base: GGUF, n_layer: int = 2, n_ff: int = 64) -> tuple[bytes, int, list]:
+    """A mutated profiled tiny model: (head, total length, description); its cmx.* keys only (the
+    rest of the file is the tiny kind's business). The data after head is base.data."""
+    g = GGUF(base.prefix, list(base.kvs), list(base.tensors), base.alignment, base.data, base.data_size)
+    desc: list = []
+    ops = [_profile_array, _profile_array, _profile_array, _profile_scalar, _profile_scalar, _profile_keyset,
+           _profile_other_model]
+    late = 0
+    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+        if rng.random() < 0.85:
+            rng.choice(ops)(rng, g, desc, n_layer, n_ff)
+        else:
+            late += 1
+    head = bytearray(serialize(g))
+    for _ in range(late):
+        _profile_bytes(rng, head, g, desc)
+    total = len(head) + g.data_size
+    if rng.random() < 0.08:  # truncated: in the cmx.* keys (the last keys), at the header's end, in the data
+        first = 24 + sum(len(b.raw) for b in g.kvs[: (_cmx_indices(g) or [0])[0]])
+        total = rng.choice([rng.randrange(first, max(first + 1, len(head))), len(head),
+                            len(head) + rng.randrange(max(1, g.data_size))])
+        desc.append(f"truncate {total}")
+    return bytes(head), total, desc
+
+
+# ---------------------------------------------------------------------------------------------
 # Images
 
 
@@ -917,6 +1195,18 @@ class Inputs:
         with open(self.get("tiny_path"), "rb") as f:
             return parse_gguf(f.read())
 
+    def _profile_path(self) -> str:
+        path = os.path.join(self.workdir, "fuzz-tiny-profiled.gguf")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            write_profiled_tiny(self.get("tiny_path"), tmp)
+            os.replace(tmp, path)
+        return path
+
+    def _profile(self) -> GGUF:
+        with open(self.get("profile_path"), "rb") as f:
+            return parse_gguf(f.read())
+
     def _mmproj(self) -> GGUF:
         with open(MMPROJ, "rb") as f:
             return parse_gguf(f.read())
@@ -937,6 +1227,10 @@ def make_case(kind: str, index: int, seed: int, inputs: Inputs) -> Case:
         if kind == "smollm2":
             return Case(kind, index, desc, head, total, None)
         return Case(kind, index, desc, head, total, mutate_data(rng, base.data, desc))
+    if kind == "profile":
+        base = inputs.get(kind)
+        head, total, desc = profile_mutate(rng, base)
+        return Case(kind, index, desc, head, total, base.data)
     if kind in ("png", "jpeg", "gif", "webp"):
         data, desc = image_mutate(rng, kind, inputs.get("images")[kind])
         mode = rng.choice(["bytes", "bytes", "data_url", "path", "file_url"])
@@ -1032,6 +1326,16 @@ class Runner:
         sparsity = cmx.Sparsity(rho=0.5, dense_layers=[]) if case.index % 2 else None
         m = cmx.Model(self._path(case, "gguf"), n_ctx=64, n_threads=1, sparsity=sparsity)
         self._exercise_text_model(m, generate=True)
+
+    def _run_profile(self, case: Case) -> None:
+        import cmx
+
+        # CoreMatching on in every layer, at the profile's rho: the stored tables are used
+        sparsity = cmx.Sparsity(rho=PROFILE_RHO, dense_layers=[])
+        m = cmx.Model(self._path(case, "gguf"), n_ctx=64, n_threads=1, sparsity=sparsity)
+        m.info  # noqa: B018  (reports the profile)
+        list(m.generate(m.tokenize("Hi", add_special=False)[:2] or [0], max_tokens=2))  # shorter than the cutoff: the table
+        list(m.generate(list(range(40, 52)), max_tokens=2))  # longer: thresholds
 
     def _run_lora(self, case: Case) -> None:
         import numpy as np
@@ -1320,7 +1624,7 @@ def parent_main(args) -> dict:
                     continue  # a line cut by an interrupted run
                 results[r["kind"], r["i"]] = r
     todo = collections.deque(c for c in schedule(args.cases, kinds) if c not in results)
-    Inputs(args.workdir).get("tiny_path")  # written once, before the workers read it
+    Inputs(args.workdir).get("profile_path")  # written once (with the tiny model), before the workers read them
     out = open(results_path, "a")
     t_start = time.monotonic()
     elapsed0 = state["elapsed_s"]

@@ -82,7 +82,7 @@ class CoreProfile:
 
     def check(self) -> "CoreProfile":
         """Raises ProfileError unless every field is in range and the arrays fit (n_layer, n_ff)."""
-        L, F = self.n_layer, self.n_ff
+        L, F = int(self.n_layer), int(self.n_ff)
         if self.version != PROFILE_VERSION:
             raise ProfileError(f"cmx.version is {self.version}; this cmx reads profile version {PROFILE_VERSION} "
                                "(profile the model again with this cmx's cmx-profile)")
@@ -95,12 +95,14 @@ class CoreProfile:
             raise ProfileError(f"need 0 <= cmx.min_keep <= cmx.max_keep <= 1, got {self.min_keep!r}, {self.max_keep!r}")
         if not 0 <= self.prune_layer <= L - 2:
             raise ProfileError(f"cmx.prune_layer {self.prune_layer} is not in [0, {L - 2}] for {L} layers")
-        if self.short_prompt_tokens < 0:
-            raise ProfileError(f"cmx.short_prompt_tokens must be >= 0, got {self.short_prompt_tokens}")
-        for name, arr, shape in ((KEY_FREQUENCY, self.frequency, (L, F)), (KEY_ORDER, self.neuron_order, (L, F)),
-                                 (KEY_TAU, self.tau, (L,))):
-            if arr.size != int(np.prod(shape)):
-                raise ProfileError(f"{name} holds {arr.size} values; {L} layers x n_ff {F} need {int(np.prod(shape))}")
+        if not 0 <= self.short_prompt_tokens <= 2**31 - 1:  # the engine's count is an int
+            raise ProfileError(f"cmx.short_prompt_tokens must be in [0, 2147483647], got {self.short_prompt_tokens}")
+        for name, arr, n in ((KEY_FREQUENCY, self.frequency, L * F), (KEY_ORDER, self.neuron_order, L * F), (KEY_TAU, self.tau, L)):
+            if arr.size != n:  # Python integers: a product of huge sizes cannot wrap to the array's length
+                raise ProfileError(f"{name} holds {arr.size} values; {L} layers x n_ff {F} need {n}")
+        order = np.asarray(self.neuron_order)
+        if order.size and (order.min() < 0 or order.max() >= F):  # before the cast: 2^32 + i is not i
+            raise ProfileError(f"{KEY_ORDER} holds neuron indices outside [0, {F})")
         self.frequency = np.asarray(self.frequency, np.float32).reshape(L, F)
         self.neuron_order = np.asarray(self.neuron_order, np.int32).reshape(L, F)
         self.tau = np.asarray(self.tau, np.float32).reshape(L)
