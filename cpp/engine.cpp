@@ -496,7 +496,9 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
                 continue;
             }
             auto t0 = std::chrono::steady_clock::now();
-            const StatsOp &op = graph_->stats_ops[il];
+            StatsOp &op = graph_->stats_ops[il];
+            if (stats_ms) *stats_ms += op.ms;  // the op's own time in the graph
+            op.ms = 0.0;
             stats_rows.resize(ggml_nelements(st));  // [n_rows][1 + kmax]
             ggml_backend_tensor_get(st, stats_rows.data(), 0, ggml_nbytes(st));
             lc.stats.configure(rho, op.tau, hp.n_ff);

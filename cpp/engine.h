@@ -81,7 +81,7 @@ struct PrefillResult {
     std::vector<std::vector<int32_t>> kept;   // per image: kept indices into the image
     std::vector<int32_t> core_neurons;        // per layer: core neurons its decode FFN reads (n_ff: dense)
     double select_ms = 0.0;                   // scoring and choosing tokens
-    double stats_ms = 0.0;                    // per-token neuron statistics
+    double stats_ms = 0.0;                    // per-token neuron statistics (the graph op and the copy into the cache)
     double compact_ms = 0.0;                  // building the compact FFN weights
     int table_layers = 0;                     // layers whose core neurons came from the stored table
 };

@@ -3,6 +3,7 @@
 #include "graph.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 namespace cmx {
@@ -127,12 +128,14 @@ struct Builder {
 
 // ggml custom op: token_stats of each activation row, rows split over the op's threads.
 void stats_rows(ggml_tensor *dst, int ith, int nth, void *userdata) {
-    const StatsOp &op = *(const StatsOp *)userdata;
+    StatsOp &op = *(StatsOp *)userdata;
+    const auto t0 = std::chrono::steady_clock::now();
     const ggml_tensor *act = dst->src[0];  // F32 [n_ff, n_rows]
     const int64_t n_rows = act->ne[1];
     for (int64_t r = ith; r < n_rows; r += nth)
         token_stats((const float *)((const char *)act->data + r * act->nb[1]), op.n_ff, op.kmax, op.tau,
                     (int32_t *)((char *)dst->data + r * dst->nb[1]));
+    if (ith == 0) op.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
 ggml_tensor *input_tensor(ggml_context *ctx, ggml_type type, int64_t n0, int64_t n1, const char *name) {
@@ -203,7 +206,7 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
             out.acts.push_back({il, act});
         }
         if (stats) {
-            StatsOp *op = const_cast<StatsOp *>(&(*spec.stats_ops)[il]);  // read-only in stats_rows
+            StatsOp *op = &(*spec.stats_ops)[il];
             ggml_tensor *args[1] = {ggml_is_contiguous(act) ? act : ggml_cont(ctx, act)};
             ggml_tensor *st = ggml_custom_4d(ctx, GGML_TYPE_I32, 1 + op->kmax, act->ne[1], 1, 1, args, 1, stats_rows,
                                              GGML_N_TASKS_MAX, op);  // [1 + kmax, n_rows]

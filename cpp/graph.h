@@ -42,7 +42,7 @@ struct GraphSpec {
     size_t begin, end;                 // batch rows of this graph
     int layer_begin = 0, layer_end = 0;  // layers run; rows enter layer_begin as tokens or embeddings
     const std::vector<uint8_t> *act_use = nullptr;       // per layer: Engine::ActUse bits (kStats, kCapture)
-    const std::vector<StatsOp> *stats_ops = nullptr;     // per layer, for kStats layers; outlives the graph's runs
+    std::vector<StatsOp> *stats_ops = nullptr;           // per layer, for kStats layers; outlives the graph's runs
     const CompactFfn *compact = nullptr;                 // core-neuron FFN weights (decode)
     int attn_layer = -1;                                 // output this layer's attention of the last row
 };

@@ -82,6 +82,7 @@ struct StatsOp {
     int64_t n_ff = 0;
     int kmax = 0;
     float tau = 0.0f;  // NaN: sort mode
+    double ms = 0.0;   // time its first thread spent in it (the rows are split evenly), summed over runs
 };
 
 // C^beta of threshold-mode statistics: the n_core neurons most often above tau (ties: lower index).
