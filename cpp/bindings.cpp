@@ -5,10 +5,15 @@
 #include <pybind11/stl.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
 #include "engine.h"
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 namespace py = pybind11;
 using namespace cmx;
@@ -66,8 +71,22 @@ void set_embeddings(const Engine &e, Batch &b, py::object embd, py::array_t<floa
 
 }  // namespace
 
+namespace {
+// glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which
+// the engine's, mtmd's and numpy's per-prompt buffers of a few MB come from the heap, whose freed
+// holes it keeps: RSS then climbs in steps over a long chat. A fixed threshold (glibc's initial
+// 128 KiB) keeps every large buffer in its own mapping, returned to the system when freed. A
+// user's MALLOC_MMAP_THRESHOLD_ wins.
+void fix_malloc_mmap_threshold() {
+#if defined(__GLIBC__)
+    if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
+}
+}  // namespace
+
 PYBIND11_MODULE(_core, mod) {
     mod.doc() = "cmx engine: a ggml decoder graph for llama/qwen2 GGUF models";
+    fix_malloc_mmap_threshold();
     static py::exception<load_error> model_load_error(mod, "ModelLoadError", PyExc_ValueError);
     py::register_exception_translator([](std::exception_ptr p) {
         try {

@@ -81,10 +81,14 @@ uint16_t *NeuronStats::prepare_rows(size_t base, int64_t n_tokens) {
     return top.data() + base * (size_t)kmax;
 }
 void token_stats(const float *a, int64_t n_ff, int kmax, float tau, int32_t *out) {
+    // Scratch per thread, reused row after row: no allocation per token (the graph's threads run
+    // this for every row of every layer).
+    thread_local std::vector<float> v;
+    thread_local std::vector<int32_t> idx, strong;
     int32_t active = 0;
     if (!std::isnan(tau)) {  // threshold mode: no sort, unless more neurons pass than the slots hold
-        std::vector<int32_t> strong;
-        strong.reserve(kmax);
+        strong.clear();
+        strong.reserve(n_ff);
         for (int64_t i = 0; i < n_ff; ++i) {
             active += a[i] > 0.0f;
             if (a[i] > tau) strong.push_back((int32_t)i);  // NaN compares false: never strong
@@ -97,12 +101,12 @@ void token_stats(const float *a, int64_t n_ff, int kmax, float tau, int32_t *out
         for (int i = 0; i < kmax; ++i) out[1 + i] = i < n ? strong[i] : NeuronStats::kNoNeuron;
         return;
     }
-    std::vector<float> v(a, a + n_ff);
+    v.assign(a, a + n_ff);
     for (float &x : v) {
         active += x > 0.0f;
         if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();  // keeps the order strict
     }
-    std::vector<int32_t> idx(n_ff);
+    idx.resize(n_ff);
     std::iota(idx.begin(), idx.end(), 0);
     auto before = [&](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); };
     // the kmax largest, strongest first: the count k <= kmax is known only once the prompt is
