@@ -214,7 +214,7 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
         return res;
     }
     validate_sparsity(batch, images, anchor_row, *sp);
-    stat_thresholds_ = sp->thresholds;  // read by append_stats during this prefill
+    stat_thresholds_ = sp->thresholds;  // read by stats_ops during this prefill
     const int K = sp->prune_layer;
     const bool prune = sp->tokens && !images.empty();
     const bool scored = std::any_of(images.begin(), images.end(), [](const ImageSpan &im) { return im.keep.empty(); });
@@ -360,7 +360,8 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
 }
 
 std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
-                                       const std::vector<uint8_t> &act_use, double rho, bool use_compact, int attn_layer) const {
+                                       const std::vector<uint8_t> &act_use, const std::vector<StatsOp> &ops, bool use_compact,
+                                       int attn_layer) const {
     int64_t n_rows = (int64_t)(end - begin), n_token_rows = 0;
     for (size_t i = begin; i < end; ++i) n_token_rows += batch.tokens[i] >= 0;
     const bool last = end == batch.tokens.size();
@@ -374,10 +375,9 @@ std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t 
         key.push_back((int64_t)group);
         key.push_back(act_use[il]);
         if (act_use[il] & kActStats) {  // the statistics op's slots and threshold
-            const StatsOp op = stats_ops(rho)[il];
             int32_t tau_bits;
-            std::memcpy(&tau_bits, &op.tau, sizeof tau_bits);
-            key.push_back(op.kmax);
+            std::memcpy(&tau_bits, &ops[il].tau, sizeof tau_bits);
+            key.push_back(ops[il].kmax);
             key.push_back(tau_bits);
         }
     }
@@ -401,6 +401,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
 
     int embd_begin = 0;
     std::vector<int32_t> stats_rows;
+    const std::vector<StatsOp> ops = stats_ops(rho);
     for (size_t begin = 0; begin < n; begin += step) {
         const size_t end = std::min(n, begin + step);
         const int64_t n_rows = (int64_t)(end - begin);
@@ -409,7 +410,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         std::vector<int32_t> out_rows;  // relative to this graph's rows
         if (last)
             for (int32_t r : batch.out_rows) out_rows.push_back(r - (int32_t)begin);
-        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, rho, use_compact, attn_layer);
+        std::vector<int64_t> key = graph_key(batch, begin, end, layer_begin, layer_end, act_use, ops, use_compact, attn_layer);
         if (!graph_ || graph_->key != key) {
             graph_.reset();
             auto g = std::make_unique<Graph>();
@@ -420,7 +421,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             Batch shape;  // what the builder reads: row kinds and the number of outputs
             shape.tokens = batch.tokens;
             shape.out_rows = out_rows;
-            g->stats_ops = stats_ops(rho);
+            g->stats_ops = ops;
             GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, &g->stats_ops, use_compact ? &compact_ : nullptr, attn_layer};
             g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
             ggml_backend_sched_reset(sched_);

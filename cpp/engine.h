@@ -17,14 +17,14 @@
 
 namespace cmx {
 
-// Per-layer KV cache. k: [n_embd_kv, n_ctx] (token j is row j); v is stored transposed,
-// [n_ctx, n_embd_kv], so attention reads it with one matmul (llama.cpp's non-flash layout).
-// pos[j] is the RoPE position of cached token j; size() of pos is the layer's length.
-// stats holds, row for row, what CoreMatching needs of each cached token's FFN activations.
 // What a graph does with a layer's FFN activations (bit flags per layer): neuron statistics
 // (computed in the graph), or the activations themselves (token scores at the pruning layer).
 enum ActUse : uint8_t { kActStats = 1, kActCapture = 2 };
 
+// Per-layer KV cache. k: [n_embd_kv, n_ctx] (token j is row j); v is stored transposed,
+// [n_ctx, n_embd_kv], so attention reads it with one matmul (llama.cpp's non-flash layout).
+// pos[j] is the RoPE position of cached token j; size() of pos is the layer's length.
+// stats holds, row for row, what CoreMatching needs of each cached token's FFN activations.
 struct LayerCache {
     ggml_tensor *k = nullptr;
     ggml_tensor *v = nullptr;
@@ -158,7 +158,8 @@ class Engine {
     std::vector<int32_t> layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const;
     void validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const;
     std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
-                                   const std::vector<uint8_t> &act_use, double rho, bool use_compact, int attn_layer) const;
+                                   const std::vector<uint8_t> &act_use, const std::vector<StatsOp> &ops, bool use_compact,
+                                   int attn_layer) const;
 
     std::shared_ptr<Model> model_;
     EngineParams params_;

@@ -32,8 +32,8 @@ struct GraphInputs {
 struct GraphOutputs {
     ggml_tensor *logits = nullptr;  // F32 [n_vocab, n_out], when the graph ends at the last layer
     ggml_tensor *hidden = nullptr;  // F32 [n_embd, n_rows], when it ends before the last layer
-    std::vector<std::pair<int, ggml_tensor *>> acts;   // (layer, F32 [n_ff, n_rows]): FFN activations (kCapture)
-    std::vector<std::pair<int, ggml_tensor *>> stats;  // (layer, I32 [1 + kmax, n_rows]): token_stats rows (kStats)
+    std::vector<std::pair<int, ggml_tensor *>> acts;   // (layer, F32 [n_ff, n_rows]): FFN activations (kActCapture)
+    std::vector<std::pair<int, ggml_tensor *>> stats;  // (layer, I32 [1 + kmax, n_rows]): token_stats rows (kActStats)
     ggml_tensor *last_attention = nullptr;  // F32 [n_kv, n_head]: attn_layer's softmax row of the last row
 };
 
@@ -41,8 +41,8 @@ struct GraphSpec {
     const Batch *batch;
     size_t begin, end;                 // batch rows of this graph
     int layer_begin = 0, layer_end = 0;  // layers run; rows enter layer_begin as tokens or embeddings
-    const std::vector<uint8_t> *act_use = nullptr;       // per layer: Engine::ActUse bits (kStats, kCapture)
-    std::vector<StatsOp> *stats_ops = nullptr;           // per layer, for kStats layers; outlives the graph's runs
+    const std::vector<uint8_t> *act_use = nullptr;       // per layer: ActUse bits (kActStats, kActCapture)
+    std::vector<StatsOp> *stats_ops = nullptr;           // per layer, for kActStats layers; outlives the graph's runs
     const CompactFfn *compact = nullptr;                 // core-neuron FFN weights (decode)
     int attn_layer = -1;                                 // output this layer's attention of the last row
 };

@@ -80,6 +80,7 @@ uint16_t *NeuronStats::prepare_rows(size_t base, int64_t n_tokens) {
     n_active.resize(base + (size_t)n_tokens);
     return top.data() + base * (size_t)kmax;
 }
+
 void token_stats(const float *a, int64_t n_ff, int kmax, float tau, int32_t *out) {
     // Scratch per thread, reused row after row: no allocation per token (the graph's threads run
     // this for every row of every layer).
@@ -145,6 +146,7 @@ void NeuronStats::append_computed(const float *acts, int64_t n_ff, int64_t n_tok
     parallel_for(n_tokens, n_threads, [&](int64_t j) { token_stats(acts + j * n_ff, n_ff, kmax, tau, rows.data() + j * stride); });
     append_rows(rows.data(), n_tokens);
 }
+
 std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {
     if (stats.threshold_mode()) return core_neurons_above(stats, n_ff, beta, block);
     int64_t n_tokens = 0;
@@ -165,6 +167,7 @@ std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double
     }
     return most_frequent(freq, core_count(n_ff, beta, block));
 }
+
 // ---------------------------------------------------------------- profile: thresholds and tables
 
 void NeuronStats::set_mode(double rho_, float tau_) {
@@ -179,6 +182,7 @@ void NeuronStats::append_above(const float *acts, int64_t n_ff, int64_t n_tokens
     configure(rho, tau, n_ff);
     append_computed(acts, n_ff, n_tokens, n_threads);
 }
+
 int64_t NeuronStats::n_with_stats() const {
     int64_t n = 0;
     for (int32_t a : n_active) n += a >= 0;
@@ -195,6 +199,7 @@ std::vector<int32_t> core_neurons_above(const NeuronStats &stats, int64_t n_ff, 
     }
     return most_frequent(freq, core_count(n_ff, beta, block));
 }
+
 std::vector<int32_t> table_core_neurons(const std::vector<int32_t> &order, int64_t n_ff, double beta, int64_t block) {
     if ((int64_t)order.size() != n_ff) throw std::invalid_argument("a neuron order must list n_ff neurons");
     std::vector<int32_t> set(order.begin(), order.begin() + core_count(n_ff, beta, block));

@@ -372,13 +372,7 @@ def main(argv=None) -> int:
             result = json.load(f)
         for run in result["modes"].values():
             run["summary"] = summarize(run["turns"])
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(result, f, indent=1)
-        if a.plot:
-            plot(result, a.plot)
-        print_summary(result)
-        return 0 if all(run["summary"]["passed"] for run in result["modes"].values()) else 1
+        return finish(result, a.out, a.plot)
     if a.turns < 1 or a.images < 1 or a.probe_every < 1:
         p.error("--turns, --images and --probe-every must be >= 1")
 
@@ -412,12 +406,17 @@ def main(argv=None) -> int:
         run["images"] = [dict(asdict(im), path=os.path.basename(im.path)) for im in images]
         result["modes"][a.mode] = run
 
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
+    return finish(result, a.out, a.plot)
+
+
+def finish(result: dict, out: str | None, plot_path: str | None) -> int:
+    """Writes the record and the plot, prints the summary; the exit code: 0 when every mode passed."""
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
-    if a.plot:
-        plot(result, a.plot)
+    if plot_path:
+        plot(result, plot_path)
     print_summary(result)
     return 0 if all(run["summary"]["passed"] for run in result["modes"].values()) else 1
 
