@@ -15,6 +15,15 @@
 Configurations (rows): llama-cpp-python dense; cmx dense; cmx CoreMatching tokens only, neurons
 only, both (cmx.Sparsity defaults: rho 0.2, beta 0.4, K 2, anchor score).
 
+With `--profiled FILE` (the default text model with a cmx-profile profile, `cmx-profile --gguf ...`),
+(a) has two more rows, both CoreMatching tokens + neurons on FILE: `tables only` keeps the
+unprofiled defaults' K and kept-fraction bounds, so it differs from `both` only by the tables
+(thresholds instead of per-token sorting; the stored core neurons for short prompts); `whole
+profile` is FILE at cmx.Sparsity()'s defaults, what a user of the profiled file gets (the profile's
+K and bounds too). Their table gives the prefill's selection time (per-token neuron statistics +
+token scoring and elbow). (a) then also runs short text prompts (1-3 tokens, `generate`, 16 greedy
+tokens; only core neurons act): how many leading tokens each configuration shares with cmx dense.
+
 Every configuration runs in its own worker process (so peak RSS, VmHWM, is its own: model load,
 mmap'd weights that were touched, compute buffers and compact weights included), all loaded
 at once and called in turn: on (a) question by question, on (b) repetition by repetition
@@ -29,7 +38,7 @@ at once and called in turn: on (a) question by question, on (b) repetition by re
 - Decode tokens/s: single-token evaluations after the first token, tokens / their time.
 
     python tools/bench_corematching.py [--n-questions 300] [--threads 2] [--reps 3] [--skip-a] [--skip-b]
-        [--quick] [--out-md FILE] [--out-json FILE] [--plot FILE.png]
+        [--profiled FILE] [--quick] [--out-md FILE] [--out-json FILE] [--plot FILE.png]
 
 cmx (its Python files and extension) and tools/eval_vqa.py are copied at start and every process
 imports that copy: a rebuild of the installed extension during the run (it is overwritten in
@@ -77,7 +86,18 @@ LABELS = {
     "cmx tokens": "cmx CoreMatching: tokens only",
     "cmx neurons": "cmx CoreMatching: neurons only",
     "cmx both": "cmx CoreMatching: tokens + neurons",
+    "cmx profile tables": "cmx CoreMatching, profiled file: tables only",
+    "cmx profile": "cmx CoreMatching, profiled file: whole profile",
 }
+# (a)'s rows on a --profiled file; "unprofiled_bounds": K and bounds as an unprofiled file gets them
+PROFILE_CONFIGS = [
+    ("cmx profile tables", "cmx", {"tokens": True, "neurons": True, "unprofiled_bounds": True}),
+    ("cmx profile", "cmx", {"tokens": True, "neurons": True}),
+]
+# (a)'s short text prompts: too short for a stable estimate of their own core neurons
+SHORT_PROMPTS = ["Hi", "Paris is", "Once upon", "Water", "The sun", "Red and", "I like", "Two plus", "Cats",
+                 "Hello there", "My name", "The sky", "Ten", "Apples are", "Dogs can", "Music"]
+SHORT_TOKENS = 16
 
 # the ~1B LLaVA-1.5-shaped text model of (b), and the tiny one of --quick
 BIG = dict(n_embd=2048, n_ff=5632, n_layer=22, n_head=32, n_head_kv=4, n_vocab=32000, seed=0)
@@ -265,8 +285,20 @@ class CmxChat:
         import cmx
         from eval_vqa import examples
 
-        self.m = cmx.Model(n_ctx=2048, n_threads=spec["threads"], n_batch=512)
-        self.sp = cmx.Sparsity(**spec["sparsity"]) if spec["sparsity"] is not None else None
+        from cmx import defaults
+
+        if spec.get("model"):  # a profiled copy of the default text model, with the default mmproj and LoRA
+            self.m = cmx.Model(spec["model"], mmproj=defaults.default_mmproj(), lora=defaults.default_lora(),
+                               n_ctx=2048, n_threads=spec["threads"], n_batch=512)
+        else:
+            self.m = cmx.Model(n_ctx=2048, n_threads=spec["threads"], n_batch=512)
+        self.sp = None
+        if spec["sparsity"] is not None:
+            kw = dict(spec["sparsity"])
+            if kw.pop("unprofiled_bounds", False):  # the defaults a file without a profile gets
+                base = cmx.Sparsity().resolved(self.m.info["n_layer"], None)
+                kw.update(prune_layer=base.prune_layer, min_keep=base.min_keep, max_keep=base.max_keep)
+            self.sp = cmx.Sparsity(**kw)
         self.data = examples("test", spec["n"])
         self.t_first = None
         orig = self.m._decode_loop
@@ -302,7 +334,18 @@ class CmxChat:
                 "core_neurons": st["core_neurons"], "n_ff": self.m.info["n_ff"], "n_prompt": st["n_prompt"],
                 "select_ms": st["select_ms"], "stats_ms": st["stats_ms"], "compact_ms": st["compact_ms"]}
 
+    def short(self):
+        """Greedy continuations of SHORT_PROMPTS (raw text, no chat template)."""
+        out = []
+        for text in SHORT_PROMPTS:
+            self.m.reset()
+            toks = self.m.tokenize(text, add_special=True)
+            out.append(list(self.m.generate(toks, max_tokens=SHORT_TOKENS, temperature=0.0, sparsity=self.sp)))
+        return {"short": out}
+
     def run(self, msg):
+        if msg.get("short"):
+            return self.short()
         image, q, _, _ = self.data[msg["i"]]
         return self.answer(image, q)
 
@@ -556,6 +599,7 @@ def worker_main(spec_json: str) -> int:
 class Worker:
     def __init__(self, name: str, spec: dict):
         self.name = name
+        self.engine = spec["engine"]
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -617,6 +661,11 @@ def log(*a):
 
 
 # ---------------------------------------------------------------- (a)
+def a_configs(args) -> list:
+    """(a)'s rows: the five, and the profiled file's two when --profiled is given."""
+    return CONFIGS + (PROFILE_CONFIGS if getattr(args, "profiled", None) else [])
+
+
 def run_a(args) -> dict:
     from cmx import scenes
     from eval_vqa import examples, majority_answers
@@ -626,8 +675,11 @@ def run_a(args) -> dict:
     n = args.n_questions
     files = {"text": defaults.default_text_model(), "mmproj": defaults.default_mmproj(),
              "lora": getattr(defaults, "default_lora", lambda: None)()}  # what cmx.Model() loads
-    specs = [(name, {"part": "a", "engine": eng, "sparsity": sp, "threads": args.threads, "n": n, "lora": files["lora"]})
-             for name, eng, sp in CONFIGS]
+    configs = a_configs(args)
+    profiled = {c[0] for c in PROFILE_CONFIGS}
+    specs = [(name, {"part": "a", "engine": eng, "sparsity": sp, "threads": args.threads, "n": n, "lora": files["lora"],
+                     "model": args.profiled if name in profiled else None})
+             for name, eng, sp in configs]
     log(f"(a) loading {len(specs)} workers ...")
     workers = start_workers(specs)
     data = examples("test", n)
@@ -639,12 +691,15 @@ def run_a(args) -> dict:
         if (i + 1) % 10 == 0 or i + 1 == n:
             log(f"(a) {i + 1}/{n} questions  {time.perf_counter() - t0:.0f} s")
             checkpoint(args, "a", rows)
+    short = {}
+    if args.profiled:  # short text prompts: the stored core neurons against the prompt's own
+        short = {w.name: w.call({"cmd": "run", "short": True})["short"] for w in workers if w.engine == "cmx"}
     rss = {w.name: w.quit() for w in workers}
     majority = majority_answers()
 
     summary = {}
     dense = [scenes.normalize_answer(r["answer"]) for r in rows["cmx dense"]]
-    for name, _, sp in CONFIGS:
+    for name, _, sp in configs:
         rs = rows[name]
         correct = [scenes.answer_matches(r["answer"], data[i][2]) for i, r in enumerate(rs)]
         n_dec = sum(r["n_decoded"] for r in rs)
@@ -676,13 +731,21 @@ def run_a(args) -> dict:
     same_kept = float(np.mean([a["kept"] == b["kept"] for a, b in zip(rows["cmx tokens"], rows["cmx both"])]))
     qtypes = sorted(set(ex[3] for ex in data))
     per_type = {qt: {name: float(np.mean([scenes.answer_matches(rows[name][i]["answer"], data[i][2])
-                                          for i in range(n) if data[i][3] == qt])) for name, _, _ in CONFIGS}
+                                          for i in range(n) if data[i][3] == qt])) for name, _, _ in configs}
                 for qt in qtypes}
     baseline = float(np.mean([scenes.answer_matches(majority[ex[3]], ex[2]) for ex in data]))
-    return {"n_questions": n, "files": {k: os.path.basename(v) if v else None for k, v in files.items()}, "summary": summary, "per_type": per_type, "majority_baseline": baseline,
+    short_summary = {}
+    for name, outs in short.items():
+        lead = [next((j for j, (a, b) in enumerate(zip(o, d)) if a != b), min(len(o), len(d)))
+                for o, d in zip(outs, short["cmx dense"])]
+        short_summary[name] = {"leading_tokens_as_dense": float(np.mean(lead)),
+                               "all_as_dense": float(np.mean([o == d for o, d in zip(outs, short["cmx dense"])]))}
+    return {"n_questions": n, "configs": [c[0] for c in configs], "profiled": args.profiled,
+            "short_prompts": {"n": len(SHORT_PROMPTS), "max_tokens": SHORT_TOKENS, "summary": short_summary,
+                              "tokens": short} if short else None, "files": {k: os.path.basename(v) if v else None for k, v in files.items()}, "summary": summary, "per_type": per_type, "majority_baseline": baseline,
             "kept_equal_tokens_vs_both": same_kept,
             "rows": [{"question": data[i][1], "answer": data[i][2], "qtype": data[i][3],
-                      **{name: rows[name][i] for name, _, _ in CONFIGS}} for i in range(n)]}
+                      **{name: rows[name][i] for name, _, _ in configs}} for i in range(n)]}
 
 
 # ---------------------------------------------------------------- (b)
@@ -765,6 +828,7 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
         lines[0] = "**Smoke run (--quick): 4 questions, a tiny random model, one repetition; the numbers mean nothing.** " + lines[0]
     targets = []
     acc = {n: A["summary"][n]["accuracy"] for n, _, _ in CONFIGS} if A else {}
+    a_names = A.get("configs", [c[0] for c in CONFIGS]) if A else []
     if A:
         s = A["summary"]
         ref = s["llama.cpp dense"]
@@ -773,7 +837,7 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
                   f"(majority baseline {A['majority_baseline']:.1%})", "",
                   "| configuration | accuracy | same answer as cmx dense | encode ms | LLM prefill ms | TTFT ms | decode tok/s | peak RSS MiB | kept tokens (median, min-max) | kept neurons |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, _, _ in CONFIGS:
+        for name in a_names:
             r = s[name]
             lines.append(f"| {LABELS[name]} | {r['accuracy']:.1%} | {r['same_as_cmx_dense']:.1%} | {r['encode_ms']:.0f} | "
                          f"{r['prefill_ms']:.0f} ({ratio(ref['prefill_ms'], r['prefill_ms']):.2f}x) | "
@@ -784,11 +848,13 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
                   "configuration's own worker process); (x): against llama-cpp-python dense. "
                   f"Tokens only and both kept the same image tokens on {A['kept_equal_tokens_vs_both']:.1%} of questions; "
                   f"the elbow's median kept fraction {s['cmx both']['kept_fraction_median']:.4f}.", ""]
-        lines += ["| question type | " + " | ".join(LABELS[n] for n, _, _ in CONFIGS) + " |",
-                  "|---|" + "---|" * len(CONFIGS)]
+        lines += ["| question type | " + " | ".join(LABELS[n] for n in a_names) + " |",
+                  "|---|" + "---|" * len(a_names)]
         for qt, v in A["per_type"].items():
-            lines.append(f"| {qt} | " + " | ".join(f"{v[n]:.1%}" for n, _, _ in CONFIGS) + " |")
+            lines.append(f"| {qt} | " + " | ".join(f"{v[n]:.1%}" for n in a_names) + " |")
         lines.append("")
+        if A.get("profiled"):
+            lines += profile_table(A)
         targets += [
             {"target": "(a) TTFT >= 2x llama-cpp-python", "measured": ratio(ref["ttft_ms"], s["cmx both"]["ttft_ms"]), "goal": 2.0,
              "detail": f"{ref['ttft_ms']:.0f} ms -> {s['cmx both']['ttft_ms']:.0f} ms"},
@@ -851,6 +917,26 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", targets
 
 
+def profile_table(A: dict) -> list[str]:
+    """(a)'s rows with and without the profiled file's tables: the prefill's selection time, speed,
+    accuracy, and the short text prompts."""
+    s, short = A["summary"], (A.get("short_prompts") or {}).get("summary", {})
+    lines = [f"#### What the profile's tables buy ({os.path.basename(A['profiled'])})", "",
+             "| configuration | selection ms (statistics + scoring/elbow) | LLM prefill ms | TTFT ms | decode tok/s | "
+             "kept tokens (median) | accuracy | short prompts: leading tokens as dense | short prompts: all as dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in ("cmx both", "cmx profile tables", "cmx profile", "cmx neurons"):
+        r, sh = s[name], short.get(name, {})
+        lines.append(f"| {LABELS[name]} | {r['stats_ms'] + r['select_ms']:.1f} ({r['stats_ms']:.1f} + {r['select_ms']:.1f}) | "
+                     f"{r['prefill_ms']:.0f} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['kept_median']:g} | "
+                     f"{r['accuracy']:.1%} | {sh.get('leading_tokens_as_dense', float('nan')):.2f} of {A['short_prompts']['max_tokens']} | "
+                     f"{sh.get('all_as_dense', float('nan')):.0%} |")
+    lines += ["", f"Medians over the questions. Short prompts: {A['short_prompts']['n']} text prompts of 1-3 tokens, "
+              "greedy, no chat template, compared token by token with cmx dense's continuation (a CoreMatching "
+              "row's image-token pruning has no image to act on there: only its core neurons do).", ""]
+    return lines
+
+
 def make_plot(res: dict, path: str) -> None:
     import matplotlib
 
@@ -861,7 +947,8 @@ def make_plot(res: dict, path: str) -> None:
     panels = (1 if B else 0) + (2 if A else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
     axes = list(axes[0])
-    marks = {"llama.cpp dense": "s", "cmx dense": "o", "cmx tokens": "^", "cmx neurons": "v", "cmx both": "*"}
+    marks = {"llama.cpp dense": "s", "cmx dense": "o", "cmx tokens": "^", "cmx neurons": "v", "cmx both": "*",
+             "cmx profile tables": "P", "cmx profile": "X"}
     if B:
         ax = axes.pop(0)
         for ft, b in B.items():
@@ -898,7 +985,7 @@ def make_plot(res: dict, path: str) -> None:
         ax.axhline(1, color="grey", lw=0.5)
         ax.legend(fontsize=7)
         ax = axes.pop(0)
-        for name, _, _ in CONFIGS:
+        for name in A.get("configs", [c[0] for c in CONFIGS]):
             r = A["summary"][name]
             ax.plot(r["kept_median"], 100 * r["accuracy"], marks[name], ms=9, label=LABELS[name])
         ax.axhline(100 * A["majority_baseline"], color="grey", lw=0.8, ls=":", label="majority baseline")
@@ -921,6 +1008,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ftypes", default="q4_0,q8_0", help="(b): file types (default q4_0,q8_0)")
     ap.add_argument("--n-gen", type=int, default=64, help="(b): decoded tokens (default 64)")
     ap.add_argument("--keep-frac", type=float, help="(b): kept image-token share (default: the elbow's median on (a))")
+    ap.add_argument("--profiled", help="(a): also the rows of this profiled copy of the default text model (cmx-profile)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 questions, a tiny random model, 64 image rows, 1 rep")
     ap.add_argument("--out-md", help="write the markdown tables here")
     ap.add_argument("--out-json", help="write every number here")
