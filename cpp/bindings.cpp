@@ -69,6 +69,41 @@ void set_embeddings(const Engine &e, Batch &b, py::object embd, py::array_t<floa
     b.n_embd_rows = (int)holder.shape(0);
 }
 
+py::dict tensor_desc(const TensorDesc &t) {
+    py::dict d;
+    d["name"] = t.name;
+    d["type"] = ggml_type_name(t.type);
+    d["ne"] = py::make_tuple(t.ne[0], t.ne[1], t.ne[2], t.ne[3]);
+    d["contiguous"] = t.contiguous;
+    d["contiguous_1"] = t.contiguous_1;
+    d["contiguous_rows"] = t.contiguous_rows;
+    d["transposed"] = t.transposed;
+    return d;
+}
+
+py::list graph_descs(const std::vector<GraphDesc> &graphs) {
+    py::list out;
+    for (const GraphDesc &g : graphs) {
+        py::list nodes;
+        for (const NodeDesc &n : g.nodes) {
+            py::dict d = tensor_desc(n.dst);
+            d["op"] = ggml_op_name(n.op);
+            d["kind"] = n.kind;
+            py::list src;
+            for (const auto &s : n.src) src.append(s ? py::object(tensor_desc(*s)) : py::object(py::none()));
+            d["src"] = src;
+            nodes.append(d);
+        }
+        py::dict gd;
+        gd["call"] = g.decode ? "decode" : "prefill";
+        gd["layers"] = py::make_tuple(g.layer_begin, g.layer_end);
+        gd["n_rows"] = g.n_rows;
+        gd["nodes"] = nodes;
+        out.append(gd);
+    }
+    return out;
+}
+
 }  // namespace
 
 namespace {
@@ -256,6 +291,11 @@ PYBIND11_MODULE(_core, mod) {
         .def("set_ffn_neurons", &Engine::set_ffn_neurons, py::arg("per_layer"),
              "Neuron index sets per layer (empty, or all of n_ff: dense) for later decodes.")
         .def("ffn_neurons", &Engine::ffn_neurons, "The core neurons each layer's decode FFN reads (empty: dense).")
+        .def("record_graphs", &Engine::record_graphs, py::arg("on"),
+             "Debug: while on, describe every graph the engine builds (turning it on forgets earlier records).")
+        .def("recorded_graphs", [](const Engine &e) { return graph_descs(e.recorded_graphs()); },
+             "Graphs built while recording: dicts of call ('prefill'/'decode'), layers, n_rows and nodes (each node: "
+             "op, kind, name, type, ne, contiguity flags, and src: the same per source, None where empty).")
         .def("clear", [](Engine &e) { e.cache().clear(); }, "Forget every cached token.")
         .def("truncate", [](Engine &e, int n) { e.cache().truncate(n); }, py::arg("n"),
              "Forget cached tokens at positions >= n in every layer.")

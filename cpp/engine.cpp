@@ -151,7 +151,40 @@ void set_input(ggml_tensor *t, const void *data) {
 double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
+TensorDesc describe_tensor(const ggml_tensor *t) {
+    TensorDesc d;
+    d.name = ggml_get_name(t);
+    d.type = t->type;
+    std::copy_n(t->ne, 4, d.ne);
+    d.contiguous = ggml_is_contiguous(t);
+    d.contiguous_1 = ggml_is_contiguous_1(t);
+    d.contiguous_rows = ggml_is_contiguous_rows(t);
+    d.transposed = ggml_is_transposed(t);
+    return d;
+}
+GraphDesc describe_graph(ggml_cgraph *gf) {
+    GraphDesc g;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        const ggml_tensor *t = ggml_graph_node(gf, i);
+        NodeDesc n;
+        n.op = t->op;
+        n.kind = ggml_op_desc(t);
+        n.dst = describe_tensor(t);
+        int n_src = 0;
+        for (int j = 0; j < GGML_MAX_SRC; ++j)
+            if (t->src[j]) n_src = j + 1;
+        for (int j = 0; j < n_src; ++j)
+            n.src.push_back(t->src[j] ? std::optional<TensorDesc>(describe_tensor(t->src[j])) : std::nullopt);
+        g.nodes.push_back(std::move(n));
+    }
+    return g;
+}
 }  // namespace
+
+void Engine::record_graphs(bool on) {
+    recording_ = on;
+    if (on) recorded_.clear();
+}
 
 std::vector<float> Engine::decode(const Batch &batch, const Prune &prune) {
     validate(batch);
@@ -424,6 +457,14 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             g->stats_ops = ops;
             GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, &g->stats_ops, use_compact ? &compact_ : nullptr, attn_layer};
             g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
+            if (recording_) {
+                GraphDesc d = describe_graph(g->gf);
+                d.decode = use_compact;  // decode() evaluates with the compact FFN weights, prefill() without
+                d.layer_begin = layer_begin;
+                d.layer_end = layer_end;
+                d.n_rows = n_rows;
+                recorded_.push_back(std::move(d));
+            }
             ggml_backend_sched_reset(sched_);
             if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
             graph_ = std::move(g);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,27 @@ struct PrefillResult {
     int table_layers = 0;                     // layers whose core neurons came from the stored table
 };
 
+// Debug description of a built graph, for checks of which backend can run each node
+// (tests/test_metal_ops.py holds it against the pinned Metal backend's supports_op).
+struct TensorDesc {
+    std::string name;
+    ggml_type type = GGML_TYPE_F32;
+    int64_t ne[4] = {0, 0, 0, 0};
+    bool contiguous = false, contiguous_1 = false, contiguous_rows = false, transposed = false;  // ggml's predicates
+};
+struct NodeDesc {
+    ggml_op op = GGML_OP_NONE;
+    std::string kind;                          // ggml_op_desc: the UNARY / GLU kind, else the op's name
+    TensorDesc dst;
+    std::vector<std::optional<TensorDesc>> src;  // src[0..last set one]; nullopt where a slot is empty
+};
+struct GraphDesc {
+    bool decode = false;  // built by Engine::decode (reads compact FFN weights when set), else by prefill
+    int layer_begin = 0, layer_end = 0;
+    int64_t n_rows = 0;
+    std::vector<NodeDesc> nodes;
+};
+
 struct EngineParams {
     int n_ctx = 4096;
     int n_batch = 512;  // rows per graph evaluation during prefill
@@ -113,6 +135,11 @@ class Engine {
     // Core-neuron sets per layer (empty set, or all of n_ff: dense), applied to later decodes.
     void set_ffn_neurons(const std::vector<std::vector<int32_t>> &per_layer);
     std::vector<std::vector<int32_t>> ffn_neurons() const;
+
+    // Debug: while on, every graph built is described into recorded_graphs() (a reused graph is not
+    // built again, so not recorded again). Turning it on forgets earlier records. Off: costs nothing.
+    void record_graphs(bool on);
+    const std::vector<GraphDesc> &recorded_graphs() const { return recorded_; }
 
     const Model &model() const { return *model_; }
     KVCache &cache() { return *cache_; }
@@ -168,6 +195,8 @@ class Engine {
     ggml_backend_sched_t sched_ = nullptr;
     std::unique_ptr<Graph> graph_;
     std::vector<float> stat_thresholds_;  // the running prefill's per-layer tau (empty: sort)
+    bool recording_ = false;
+    std::vector<GraphDesc> recorded_;
 };
 
 }  // namespace cmx
