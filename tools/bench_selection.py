@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -203,6 +204,33 @@ def points(records: list[dict]) -> dict:
     return out
 
 
+def sign_test_p(a: int, b: int) -> float:
+    """Two-sided exact sign test: a questions only one method answers, b only the other."""
+    n, k = a + b, min(a, b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
+
+
+def paired_lines(acc: dict[str, list[dict]], ks=(64, 128), ours: str = "anchor") -> list[str]:
+    """CoreMatching (anchor) against the best other method at each k, question by question."""
+    lines = ["CoreMatching (anchor) against the best other method at that k, on the same questions: questions "
+             "only one of the two answers, and the two-sided sign test's p.\n",
+             "| scenes | k | CoreMatching | best other | only CoreMatching | only the other | p |", "|---|---|---|---|---|---|---|"]
+    for variant in sorted(acc, key=lambda v: (v != "standard", v)):
+        recs = acc[variant]
+        for k in ks:
+            correct = {m: [r["runs"][f"{m}@{k}"]["correct"] for r in recs] for m in METHODS}
+            other = max((m for m in METHODS if m != ours), key=lambda m: sum(correct[m]))
+            only_ours = sum(a and not b for a, b in zip(correct[ours], correct[other]))
+            only_other = sum(b and not a for a, b in zip(correct[ours], correct[other]))
+            n = len(recs)
+            lines.append(f"| {variant} ({n}) | {k} | {100 * sum(correct[ours]) / n:.1f}% | {LABELS[other]} "
+                         f"{100 * sum(correct[other]) / n:.1f}% | {only_ours} | {only_other} | {sign_test_p(only_ours, only_other):.2f} |")
+    lines.append("")
+    return lines
+
+
 def build_report(acc: dict[str, list[dict]], timing: dict | None) -> str:
     lines = []
     for variant in sorted(acc, key=lambda v: (v != "standard", v)):
@@ -221,6 +249,7 @@ def build_report(acc: dict[str, list[dict]], timing: dict | None) -> str:
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("Accuracy (share of object patches kept, mean); bold: the best method at that k.\n")
+    lines += paired_lines(acc)
     if timing:
         med = timing["median"]
         dense = med["dense"]["prefill_ms"]
