@@ -12,7 +12,7 @@ import numpy as np
 from . import _lib  # noqa: F401  (loads llama.cpp's ggml first: one copy per process)
 from ._core import Engine, ModelLoadError, set_ggml_log_level
 from .coreprofile import ProfileError, read_profile
-from .chat import ChatTemplate, EmbeddingCache, common_prefix, flatten_messages, load_images, stream_text
+from .chat import ChatTemplate, EmbeddingCache, common_prefix, load_images, stream_text
 from .defaults import default_lora, default_mmproj, default_text_model
 from .images import ImageError
 from .sampling import check_sampling_params, sample
@@ -422,19 +422,19 @@ class Model:
         finally:
             pieces.close()
 
-    def _anchor_offset(self, flat: list[dict]) -> int:
+    def _anchor_offset(self, messages: Sequence[dict]) -> int:
         """Tokens from the start of the answer turn's header to the end of the prompt (the anchor
         score's token is the header's first), from the template's own generation prompt."""
-        with_header = self._template.render(flat, add_generation_prompt=True)
-        without = self._template.render(flat, add_generation_prompt=False)
+        marker = self._vision.marker if self._vision else None
+        with_header, _ = self._template.prompt(messages, marker, add_generation_prompt=True)
+        without, _ = self._template.prompt(messages, marker, add_generation_prompt=False)
         if with_header.startswith(without) and len(with_header) > len(without):
             return max(1, len(self._vocab.tokenize(with_header[len(without):], add_special=False)))
         return 1
 
     def _prefill_chat(self, messages, sparsity: Sparsity | None) -> np.ndarray:
-        flat, sources = flatten_messages(messages, self._vision.marker if self._vision else None)
+        text, sources = self._template.prompt(messages, self._vision.marker if self._vision else None)
         images = load_images(sources)
-        text = self._template.render(flat)
         self.last_stats = {"encode_ms": 0.0}
         if self._vision:
             prompt = self._vision.tokenize(text, images)
@@ -478,7 +478,7 @@ class Model:
                 if lo == first:  # a whole new image: CoreMatching prunes it
                     new_images.append((first - keep, chunk.n_tokens))
             embd = np.concatenate(embd_parts).astype(np.float32) if embd_parts else None
-            anchor_row = max(0, len(items) - self._anchor_offset(flat) - keep)
+            anchor_row = max(0, len(items) - self._anchor_offset(messages) - keep)
             try:
                 logits = self._prefill(rows, embd, keep, new_images, anchor_row, sparsity)
             except BaseException:

@@ -175,14 +175,14 @@ class PromptBuilder:
         self.model = Model(gguf_path, mmproj=mmproj, n_ctx=4096)
 
     def build(self, question: str, image=None) -> Prompt:
-        from .chat import flatten_messages, load_images
+        from .chat import load_images
         from .vision import ImageChunk
 
         m = self.model
         content = question if image is None else [{"type": "image", "image": image}, {"type": "text", "text": question}]
-        flat, sources = flatten_messages([{"role": "user", "content": content}], m.vision.marker if m.vision else None)
-        text = m._template.render(flat)
-        anchor_offset = m._anchor_offset(flat)
+        messages = [{"role": "user", "content": content}]
+        text, sources = m._template.prompt(messages, m.vision.marker if m.vision else None)
+        anchor_offset = m._anchor_offset(messages)
         if not sources:
             rows = np.asarray(m.tokenize(text, add_special=True), np.int64)
             return Prompt(rows, None, [], len(rows) - anchor_offset)
