@@ -35,7 +35,10 @@ at once and called in turn: on (a) question by question, on (b) repetition by re
 - TTFT: wall time from the call until the first answer token is sampled (template, image
   tokenization and encode, prefill); on (b) there is no image encoder: the prompt holds
   embeddings.
-- Decode tokens/s: single-token evaluations after the first token, tokens / their time.
+- Decode tokens/s: single-token evaluations after the first token, tokens / their time; on (a)
+  the median over the questions that decoded any (answers are 1-8 tokens: a few stalls of the
+  shared machine, seconds on one token, would dominate a ratio of sums, which the JSON keeps as
+  decode_tok_s_pooled).
 
     python tools/bench_corematching.py [--n-questions 300] [--threads 2] [--reps 3] [--skip-a] [--skip-b]
         [--profiled FILE] [--quick] [--out-md FILE] [--out-json FILE] [--plot FILE.png]
@@ -661,6 +664,12 @@ def log(*a):
 
 
 # ---------------------------------------------------------------- (a)
+def decode_rate_a(rs: list[dict]) -> float:
+    """(a)'s decode tokens/s: the median over questions of each answer's decoded tokens / their time."""
+    rates = [r["n_decoded"] / (r["decode_ms"] / 1e3) for r in rs if r["n_decoded"] > 0 and r["decode_ms"] > 0]
+    return statistics.median(rates) if rates else float("nan")
+
+
 def a_configs(args) -> list:
     """(a)'s rows: the five, and the profiled file's two when --profiled is given."""
     return CONFIGS + (PROFILE_CONFIGS if getattr(args, "profiled", None) else [])
@@ -713,7 +722,8 @@ def run_a(args) -> dict:
             "encode_ms": statistics.median(r["encode_ms"] for r in rs),
             "prefill_ms": statistics.median(r["prefill_ms"] for r in rs),
             "ttft_ms": statistics.median(r["ttft_ms"] for r in rs),
-            "decode_tok_s": n_dec / (dec_ms / 1e3) if dec_ms > 0 else float("nan"),
+            "decode_tok_s": decode_rate_a(rs),
+            "decode_tok_s_pooled": n_dec / (dec_ms / 1e3) if dec_ms > 0 else float("nan"),
             "n_decoded": n_dec,
             "kept_median": statistics.median(r["kept"] for r in rs),
             "kept_fraction_median": statistics.median(r["kept"] / r["image_tokens"] for r in rs),
@@ -844,7 +854,7 @@ def build_report(res: dict) -> tuple[str, list[dict]]:
                          f"{r['ttft_ms']:.0f} ({ratio(ref['ttft_ms'], r['ttft_ms']):.2f}x) | "
                          f"{r['decode_tok_s']:.1f} ({ratio(r['decode_tok_s'], ref['decode_tok_s']):.2f}x) | "
                          f"{r['peak_rss_mib']:.0f} | {r['kept_median']:g} ({r['kept_min']}-{r['kept_max']}) | {kept_neurons_cell(r)} |")
-        lines += ["", "Medians over questions (decode: all decoded tokens / their time; peak RSS: VmHWM of the "
+        lines += ["", "Medians over questions (decode: of each answer's tokens after the first / their time; peak RSS: VmHWM of the "
                   "configuration's own worker process); (x): against llama-cpp-python dense. "
                   f"Tokens only and both kept the same image tokens on {A['kept_equal_tokens_vs_both']:.1%} of questions; "
                   f"the elbow's median kept fraction {s['cmx both']['kept_fraction_median']:.4f}.", ""]
@@ -925,14 +935,16 @@ def profile_table(A: dict) -> list[str]:
              "| configuration | selection ms (statistics + scoring/elbow) | LLM prefill ms | TTFT ms | decode tok/s | "
              "kept tokens (median) | accuracy | short prompts: leading tokens as dense | short prompts: all as dense |",
              "|---|---|---|---|---|---|---|---|---|"]
+    dense_len = short.get("cmx dense", {}).get("leading_tokens_as_dense", float("nan"))  # its continuations' mean length
     for name in ("cmx both", "cmx profile tables", "cmx profile", "cmx neurons"):
         r, sh = s[name], short.get(name, {})
         lines.append(f"| {LABELS[name]} | {r['stats_ms'] + r['select_ms']:.1f} ({r['stats_ms']:.1f} + {r['select_ms']:.1f}) | "
                      f"{r['prefill_ms']:.0f} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['kept_median']:g} | "
-                     f"{r['accuracy']:.1%} | {sh.get('leading_tokens_as_dense', float('nan')):.2f} of {A['short_prompts']['max_tokens']} | "
+                     f"{r['accuracy']:.1%} | {sh.get('leading_tokens_as_dense', float('nan')):.2f} of {dense_len:.1f} | "
                      f"{sh.get('all_as_dense', float('nan')):.0%} |")
     lines += ["", f"Medians over the questions. Short prompts: {A['short_prompts']['n']} text prompts of 1-3 tokens, "
-              "greedy, no chat template, compared token by token with cmx dense's continuation (a CoreMatching "
+              f"greedy, at most {A['short_prompts']['max_tokens']} tokens (dense's end after {dense_len:.1f} on average), no chat "
+              "template, compared token by token with cmx dense's continuation (a CoreMatching "
               "row's image-token pruning has no image to act on there: only its core neurons do).", ""]
     return lines
 
@@ -1013,10 +1025,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out-md", help="write the markdown tables here")
     ap.add_argument("--out-json", help="write every number here")
     ap.add_argument("--plot", help="write a PNG plot here (needs matplotlib: pip install '.[bench]')")
+    ap.add_argument("--report-from", metavar="JSON", help="rebuild --out-md / --plot from a finished run's --out-json "
+                    "(recomputes (a)'s decode medians from its rows)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if args.report_from:
+        with open(args.report_from) as f:
+            res = json.load(f)
+        if res.get("a"):
+            A = res["a"]
+            for name in A.get("configs", [c[0] for c in CONFIGS]):
+                A["summary"][name]["decode_tok_s"] = decode_rate_a([r[name] for r in A["rows"]])
+        md, res["targets"] = build_report(res)
+        print(md)
+        if args.out_md:
+            with open(args.out_md, "w") as f:
+                f.write(md)
+        if args.plot:
+            make_plot(res, args.plot)
+        if args.out_json:
+            with open(args.out_json, "w") as f:
+                json.dump(res, f, indent=1, default=float)
+        return 0
     if args.quick:
         args.n_questions = min(args.n_questions, 4)
         args.reps = 1
