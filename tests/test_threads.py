@@ -3,6 +3,7 @@ raises ModelBusyError for the second instead of mixing their batches; Ctrl-C (Ke
 in the middle of a call leaves the Model usable."""
 
 import _thread
+import signal
 import threading
 import time
 
@@ -95,16 +96,22 @@ def test_one_model_hammered_by_two_threads_never_mixes_answers(pair):
     assert m.chat(question(images[0]), max_tokens=10) == alone[images[0]]
 
 
-def test_keyboard_interrupt_during_a_call_leaves_the_model_usable(pair):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test: a process started in the background by a
+    non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, Python then keeps it ignored,
+    and interrupt_main() does nothing. An interactive user's Ctrl-C raises KeyboardInterrupt."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_keyboard_interrupt_during_a_call_leaves_the_model_usable(pair, ctrl_c_raises):
     text, mmproj, images = pair
     m = cmx.Model(text, mmproj=mmproj, n_ctx=1024, n_threads=1, sparsity=cmx.Sparsity(budget=30))
     want = m.chat(question(images[0]), max_tokens=8)
     interrupted = 0
-    # Early delays land in the image's encoding, later ones in the decode. One full-suite run on the
-    # loaded 2-core CI machine saw no interrupt at all with delays up to 0.1 s (not reproduced in
-    # 8 runs since, alone or in the suite; cause not established): the later delays make sure the
-    # interrupt path is exercised where the call spends most of its time.
-    for delay in (0.0, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5):
+    for delay in (0.0, 0.005, 0.02, 0.05, 0.1):
         m.reset()
         timer = threading.Timer(delay, _thread.interrupt_main)
         try:
