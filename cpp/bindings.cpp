@@ -104,9 +104,6 @@ py::list graph_descs(const std::vector<GraphDesc> &graphs) {
     return out;
 }
 
-}  // namespace
-
-namespace {
 // glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which
 // the engine's, mtmd's and numpy's per-prompt buffers of a few MB come from the heap, whose freed
 // holes it keeps: RSS then climbs in steps over a long chat. A fixed threshold (glibc's initial

@@ -204,6 +204,22 @@ def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "cli
     return str(path)
 
 
+def export_tiny_pair(out: Path, text_type: str = "f32", mmproj_type: str = "f32", n_images: int = 2):
+    """The tiny LLaVA written as a GGUF pair in `out`, with test images image0.png ... (seeds 0, 1, ...):
+    (text path, mmproj path, [image paths])."""
+    from PIL import Image
+
+    from cmx.convert.llava import export_llava
+
+    tok = load_smollm2_tokenizer()
+    paths = export_llava(build_tiny_llava(vocab_size=len(tok)), out, tokenizer=tok, text_type=text_type, mmproj_type=mmproj_type)
+    images = []
+    for seed in range(n_images):
+        images.append(str(Path(out) / f"image{seed}.png"))
+        Image.fromarray(test_image(seed=seed)).save(images[-1])
+    return str(paths["text"]), str(paths["mmproj"]), images
+
+
 def test_image(size: int = 336, seed: int = 0) -> np.ndarray:
     """A smooth-ish random RGB image, uint8, shape (size, size, 3)."""
     rng = np.random.default_rng(seed)

@@ -574,19 +574,9 @@ def test_graphs_with_a_lora_adapter_run_on_metal(tmp_path, modules):
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from PIL import Image
-
     import llava_tiny as lt
-    from cmx.convert.llava import export_llava
 
-    tok = lt.load_smollm2_tokenizer()
-    out = tmp_path_factory.mktemp("tiny_llava_metal")
-    paths = export_llava(lt.build_tiny_llava(vocab_size=len(tok)), out, tokenizer=tok, text_type="q8_0", mmproj_type="f32")
-    images = []
-    for seed in (0, 1):
-        images.append(str(out / f"image{seed}.png"))
-        Image.fromarray(lt.test_image(seed=seed)).save(images[-1])
-    return str(paths["text"]), str(paths["mmproj"]), images
+    return lt.export_tiny_pair(tmp_path_factory.mktemp("tiny_llava_metal"), text_type="q8_0")
 
 
 def test_chat_graphs_run_on_metal(tiny_llava):

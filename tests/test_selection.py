@@ -3,7 +3,6 @@ in Python and pruned by the engine at the same place as CoreMatching."""
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import cmx
 import llava_tiny as lt
@@ -55,13 +54,8 @@ def test_invalid_selection_options(kw, message):
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from cmx.convert.llava import export_llava
-
-    tok = lt.load_smollm2_tokenizer()
-    out = tmp_path_factory.mktemp("tiny_llava_select")
-    paths = export_llava(lt.build_tiny_llava(vocab_size=len(tok)), out, tokenizer=tok, text_type="f32", mmproj_type="f32")
-    Image.fromarray(lt.test_image(seed=0)).save(out / "image0.png")
-    return str(paths["text"]), str(paths["mmproj"]), str(out / "image0.png")
+    text, mmproj, images = lt.export_tiny_pair(tmp_path_factory.mktemp("tiny_llava_select"), n_images=1)
+    return text, mmproj, images[0]
 
 
 def ask(m, image, **kw):

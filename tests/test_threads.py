@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from PIL import Image
 
 import cmx
 import llava_tiny as lt
@@ -16,16 +15,7 @@ import llava_tiny as lt
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from cmx.convert.llava import export_llava
-
-    tok = lt.load_smollm2_tokenizer()
-    out = tmp_path_factory.mktemp("threads")
-    paths = export_llava(lt.build_tiny_llava(vocab_size=len(tok)), out, tokenizer=tok, text_type="f32", mmproj_type="f32")
-    images = []
-    for seed in (0, 1):
-        Image.fromarray(lt.test_image(seed=seed)).save(out / f"image{seed}.png")
-        images.append(str(out / f"image{seed}.png"))
-    return str(paths["text"]), str(paths["mmproj"]), images
+    return lt.export_tiny_pair(tmp_path_factory.mktemp("threads"))
 
 
 def question(image, text="What is in the picture?"):

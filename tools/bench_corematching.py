@@ -1010,6 +1010,21 @@ def make_plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_outputs(res: dict, args) -> int:
+    """The report (printed, --out-md), every number (--out-json) and the plot (--plot)."""
+    md, res["targets"] = build_report(res)
+    print(md)
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(md)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    if args.plot:
+        make_plot(res, args.plot)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-questions", type=int, default=300, help="(a): held-out questions (default 300)")
@@ -1038,17 +1053,7 @@ def main(argv=None) -> int:
             A = res["a"]
             for name in A.get("configs", [c[0] for c in CONFIGS]):
                 A["summary"][name]["decode_tok_s"] = decode_rate_a([r[name] for r in A["rows"]])
-        md, res["targets"] = build_report(res)
-        print(md)
-        if args.out_md:
-            with open(args.out_md, "w") as f:
-                f.write(md)
-        if args.plot:
-            make_plot(res, args.plot)
-        if args.out_json:
-            with open(args.out_json, "w") as f:
-                json.dump(res, f, indent=1, default=float)
-        return 0
+        return write_outputs(res, args)
     if args.quick:
         args.n_questions = min(args.n_questions, 4)
         args.reps = 1
@@ -1086,18 +1091,7 @@ def main(argv=None) -> int:
         res["b_model"] = dict(cfg)
         res["b"] = {ft: run_b(args, p, budget, n_img, n_text, args.n_gen) for ft, p in paths.items()}
     res["seconds"] = time.perf_counter() - t0
-    md, targets = build_report(res)
-    res["targets"] = targets
-    print(md)
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(md)
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(res, f, indent=1, default=float)
-    if args.plot:
-        make_plot(res, args.plot)
-    return 0
+    return write_outputs(res, args)
 
 
 if __name__ == "__main__":
