@@ -254,10 +254,17 @@ PYBIND11_MODULE(_core, mod) {
                 py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
                 set_embeddings(e, b, embd, embd_arr);
                 std::vector<ImageSpan> spans;
-                for (const py::tuple &im : images) {  // (first_row, n_rows, keep[, merge])
+                for (const py::tuple &im : images) {  // (first_row or its rows, n_rows, keep[, merge])
                     if (im.size() != 3 && im.size() != 4)
                         throw std::invalid_argument("an image is (first_row, n_rows, keep) or (first_row, n_rows, keep, merge)");
-                    ImageSpan s{im[0].cast<int32_t>(), im[1].cast<int32_t>(), im[2].cast<std::vector<int32_t>>(), {}};
+                    ImageSpan s{0, im[1].cast<int32_t>(), im[2].cast<std::vector<int32_t>>(), {}, {}};
+                    if (py::isinstance<py::int_>(im[0])) {
+                        s.first_row = im[0].cast<int32_t>();
+                    } else {  // an image split by text rows: its rows
+                        s.rows = im[0].cast<std::vector<int32_t>>();
+                        if (s.rows.empty()) throw std::invalid_argument("an image's rows must not be empty");
+                        s.first_row = s.rows[0];
+                    }
                     if (im.size() == 4) s.merge = im[3].cast<std::vector<std::vector<int32_t>>>();
                     spans.push_back(std::move(s));
                 }

@@ -216,9 +216,15 @@ void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> 
         throw std::invalid_argument("core neurons cannot be used with a LoRA adapter on the FFN: use neurons=False");
     int64_t end = 0;
     for (const ImageSpan &im : images) {
-        if (im.n_rows <= 0 || im.first_row < end || im.first_row + (int64_t)im.n_rows > n)
+        if (!im.rows.empty()) {  // an image split by text: its rows, ascending, starting at first_row
+            if ((int64_t)im.rows.size() != im.n_rows || im.rows[0] != im.first_row)
+                throw std::invalid_argument("an image's rows must number n_rows and start at first_row");
+            for (size_t j = 1; j < im.rows.size(); ++j)
+                if (im.rows[j] <= im.rows[j - 1]) throw std::invalid_argument("an image's rows must be ascending");
+        }
+        if (im.n_rows <= 0 || im.first_row < end || im.end_row() > n)
             throw std::invalid_argument("image spans must be non-empty, ascending, disjoint and inside the batch");
-        end = im.first_row + (int64_t)im.n_rows;
+        end = im.end_row();
         if (!im.keep.empty()) check_keep_rows(im.keep, (size_t)im.n_rows, "an image's forced kept tokens");
         if (!im.merge.empty()) {
             if (im.merge.size() != im.keep.size()) throw std::invalid_argument("an image's merge groups need one group per forced kept token");
@@ -231,7 +237,8 @@ void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> 
             }
         }
         for (int32_t r : batch.out_rows)
-            if (r >= im.first_row && r < end) throw std::invalid_argument("logits of image rows cannot be requested when pruning");
+            if (r >= im.first_row && r < end && (im.rows.empty() || std::binary_search(im.rows.begin(), im.rows.end(), r)))
+                throw std::invalid_argument("logits of image rows cannot be requested when pruning");
     }
     if (!images.empty() && (anchor_row < 0 || anchor_row >= n)) throw std::invalid_argument("anchor_row out of range");
 }
@@ -294,14 +301,14 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
             std::vector<int32_t> kept = im.keep;
             if (kept.empty()) {
                 std::vector<double> scores(im.n_rows);
-                for (int32_t j = 0; j < im.n_rows; ++j) scores[j] = score(im.first_row + j);
+                for (int32_t j = 0; j < im.n_rows; ++j) scores[j] = score(im.row(j));
                 kept = select_tokens(scores, sp->budget, sp->min_keep, sp->max_keep);
             }
-            std::fill_n(keep_row.begin() + im.first_row, im.n_rows, 0);
+            for (int32_t j = 0; j < im.n_rows; ++j) keep_row[im.row(j)] = 0;  // not the text rows between its chunks
             for (size_t i = 0; i < kept.size(); ++i) {
-                keep_row[im.first_row + kept[i]] = 1;
-                kept_of_row[im.first_row + kept[i]] = (int32_t)i;
-                image_of_row[im.first_row + kept[i]] = &im;
+                keep_row[im.row(kept[i])] = 1;
+                kept_of_row[im.row(kept[i])] = (int32_t)i;
+                image_of_row[im.row(kept[i])] = &im;
             }
             res.kept.push_back(std::move(kept));
         }
@@ -310,7 +317,7 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
             choice.rows.push_back((int32_t)r);
             std::vector<int32_t> group;  // batch rows averaged into this kept row (pooling)
             if (const ImageSpan *im = image_of_row[r]; im && !im->merge.empty())
-                for (int32_t j : im->merge[kept_of_row[r]]) group.push_back(im->first_row + j);
+                for (int32_t j : im->merge[kept_of_row[r]]) group.push_back(im->row(j));
             choice.merged.push_back(std::move(group));
         }
         res.select_ms += ms_since(t0);

@@ -70,11 +70,16 @@ struct Prune {
 // tokens; empty: the scores of SparsityParams select them. `merge` (with keep; one group of image
 // indices per kept token, holding it) makes kept token i carry the mean of its group's hidden
 // states after layer K, at its own position: pooling at the place where the others prune.
+// `rows`, when set, lists the image's n_rows batch rows (ascending, first_row the first): an image
+// split by text rows (SmolVLM's tiles), pruned as one; else rows first_row .. first_row + n_rows - 1.
 struct ImageSpan {
     int32_t first_row = 0;
     int32_t n_rows = 0;
     std::vector<int32_t> keep;
     std::vector<std::vector<int32_t>> merge;
+    std::vector<int32_t> rows;
+    int32_t row(int32_t j) const { return rows.empty() ? first_row + j : rows[(size_t)j]; }  // batch row of token j
+    int32_t end_row() const { return rows.empty() ? first_row + n_rows : rows.back() + 1; }
 };
 
 struct PrefillResult {

@@ -116,7 +116,7 @@ def build_tiny_llava(
     return model
 
 
-def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "clip-vision") -> str:
+def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "clip-vision", extra_keys=(), extra_tensors=()) -> str:
     """The mmproj llama.cpp's legacy converter makes of this model's vision tower and projector:
     ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py -m DIR --llava-projector P
     --clip-model-is-vision`` where DIR holds the CLIP vision tower (its ``config.json`` a
@@ -132,6 +132,11 @@ def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "cli
       CLIP's ``mlp.fc1`` under the name ``ffn_down`` and ``fc2`` under ``ffn_up`` (llama.cpp swaps
       them back on load), 2-D ``*.weight`` and 4-D tensors f16, the rest f32 (all f32 with
       ``use_f32``, but the patch convolution which stays f16). No post-layernorm.
+
+    ``extra_keys``: (name, value) of the ViT config's keys the converter copies after
+    ``clip.vision.block_count`` (LLaVA-1.6's anyres settings: ``clip.vision.<name>``; lists as
+    integer arrays, strings, else uint32). ``extra_tensors``: (name, array) of the projector file's
+    tensors after ``mm.2.*`` (LLaVA-1.6's ``model.image_newline``), 1-D ones f32.
     """
     import gguf
     import torch
@@ -158,6 +163,13 @@ def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "cli
     w.add_uint32("clip.vision.attention.head_count", v["num_attention_heads"])
     w.add_float32("clip.vision.attention.layer_norm_epsilon", v["layer_norm_eps"])
     w.add_uint32("clip.vision.block_count", n_layers - 1)
+    for key, value in extra_keys:
+        if isinstance(value, str):
+            w.add_string(f"clip.vision.{key}", value)
+        elif isinstance(value, (list, tuple)):
+            w.add_array(f"clip.vision.{key}", [int(x) for x in value])
+        else:
+            w.add_uint32(f"clip.vision.{key}", int(value))
     w.add_array("clip.vision.image_mean", list(CLIP_MEAN))
     w.add_array("clip.vision.image_std", list(CLIP_STD))
     w.add_bool("clip.use_gelu", v["hidden_act"] == "gelu")
@@ -169,6 +181,9 @@ def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "cli
     for i, lin in ((0, proj.linear_1), (2, proj.linear_2)):
         w.add_tensor(f"mm.{i}.weight", arr(lin.weight).astype(np.float16))
         w.add_tensor(f"mm.{i}.bias", arr(lin.bias).astype(np.float32))
+    for tname, a in extra_tensors:
+        a = np.asarray(a).squeeze()
+        w.add_tensor(tname, a.astype(np.float16 if a.ndim in (2, 4) else np.float32))
 
     vm = getattr(vt, "vision_model", vt)
     emb = vm.embeddings
@@ -331,6 +346,7 @@ class MtmdEncoder:
         )
 
     def encode(self, rgb: np.ndarray) -> np.ndarray:
+        """The image's embeddings: every image chunk mtmd makes of it, concatenated."""
         M = self._M
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         h, w, c = rgb.shape
@@ -359,9 +375,9 @@ class MtmdEncoder:
                 ptr = M.mtmd_get_output_embd(self.ctx)
                 arr = np.ctypeslib.as_array(ptr, shape=(n_tok * self.n_embd,)).copy()
                 outs.append(arr.reshape(n_tok, self.n_embd))
-            if len(outs) != 1:
-                raise RuntimeError(f"expected one image chunk, got {len(outs)}")
-            return outs[0]
+            if not outs:
+                raise RuntimeError("mtmd gave no image chunk")
+            return np.concatenate(outs)  # the image's chunks in prompt order (LLaVA-1.6 slices, SmolVLM tiles)
         finally:
             M.mtmd_input_chunks_free(chunks)
             M.mtmd_bitmap_free(bmp)

@@ -1,8 +1,8 @@
 """The vision path: images through mtmd into our graph, chat with the model's template, cache
-reuse across turns, against llama-cpp-python on a tiny random LLaVA exported by cmx.convert."""
+reuse across turns, on a tiny random LLaVA exported by cmx.convert (its parity with
+llama-cpp-python: tests/test_families.py)."""
 
 import base64
-import ctypes
 import io
 
 import numpy as np
@@ -11,7 +11,6 @@ from PIL import Image
 
 import cmx
 import llava_tiny as lt
-import llama_cpp
 from cmx.images import ImageError, load_image
 
 QUESTION = "What is in the picture?"
@@ -52,86 +51,8 @@ def test_image_embeddings_equal_mtmd_and_match_pytorch(tiny_llava, vlm):
     assert lt.row_cosines(ours, lt.hf_image_features_cls_last(model, image)).min() >= 0.999
 
 
-def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_path, n_gen):
-    """llama-cpp-python evaluating mtmd's chunks the way its MTMD chat handler does; returns the
-    logits of every text position (None for image rows) and its greedy continuation."""
-    from llama_cpp import mtmd_cpp as M
-
-    ref = llama_cpp.Llama(text_path, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2, n_threads_batch=2)
-    params = M.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.warmup, params.n_threads = False, False, False, 2
-    ctx = M.mtmd_init_from_file(mmproj_path.encode(), ref.model, params)
-    data = open(image_path, "rb").read()
-    bmp = M.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer_copy(data), len(data), False)
-    chunks = M.mtmd_input_chunks_init()
-    raw = prompt_text.encode()
-    inp = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
-    assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-    logits = []
-    for i in range(M.mtmd_input_chunks_size(chunks)):
-        chunk = M.mtmd_input_chunks_get(chunks, i)
-        if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
-            n = ctypes.c_size_t()
-            ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-            toks = [ptr[j] for j in range(n.value)]
-            start = ref.n_tokens
-            ref.eval(toks)
-            logits.extend(np.array(ref.scores[start : start + len(toks)]))
-        else:
-            new_n_past = llama_cpp.llama_pos(0)
-            assert M.mtmd_helper_eval_chunk_single(ctx, ref._ctx.ctx, chunk, ref.n_tokens, 0, 512, False, ctypes.byref(new_n_past)) == 0
-            logits.extend([None] * (new_n_past.value - ref.n_tokens))
-            ref.n_tokens = new_n_past.value
-    last = logits[-1]
-    out = []
-    vocab = llama_cpp.llama_model_get_vocab(ref.model)
-    for _ in range(n_gen):
-        tok = int(np.argmax(last))
-        if llama_cpp.llama_vocab_is_eog(vocab, tok):
-            break
-        out.append(tok)
-        ref.eval([tok])
-        last = np.array(ref.scores[ref.n_tokens - 1])
-    M.mtmd_input_chunks_free(chunks)
-    M.mtmd_bitmap_free(bmp)
-    M.mtmd_free(ctx)
-    return logits, out
-
-
-def test_image_chat_matches_llama_cpp(tiny_llava, vlm):
-    _, text, mmproj, image_path, _ = tiny_llava
-    messages = [user_turn(image_path)]
-    # the prompt text exactly as Model.chat renders it
-    from cmx.chat import flatten_messages
-
-    flat, _ = flatten_messages(messages, vlm.vision.marker)
-    prompt_text = vlm._template.render(flat)
-    assert prompt_text.count(vlm.vision.marker) == 1
-
-    ref_logits, ref_answer = llama_cpp_reference(text, mmproj, prompt_text, image_path, n_gen=24)
-
-    # cmx: the same chunks in one mixed batch, logits of every row
-    prompt = vlm.vision.tokenize(prompt_text, [load_image(image_path)])
-    rows, embd = [], []
-    for c in prompt.chunks:
-        if hasattr(c, "tokens"):
-            rows += c.tokens
-        else:
-            rows += [-1] * c.n_tokens
-            embd.append(vlm.vision.encode(c))
-    prompt.close()
-    vlm.reset()
-    ours = vlm._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True)
-    text_rows = [i for i, r in enumerate(rows) if r >= 0]
-    assert len(text_rows) == sum(x is not None for x in ref_logits) and len(rows) == len(ref_logits)
-    a = ours[text_rows]
-    b = np.stack([ref_logits[i] for i in text_rows])
-    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
-    assert np.abs(a - b).max() < 1e-2
-
-    answer = vlm.chat(messages, max_tokens=24)
-    assert answer == vlm.detokenize(ref_answer)
-    assert len(ref_answer) > 0
+# The chat against llama-cpp-python (logits of every text row, greedy answer) is the shared runner of
+# tests/test_families.py, one case per family (this LLaVA-1.5 pair is its "llava15" case).
 
 
 def test_second_turn_reuses_the_cache(tiny_llava, vlm):

@@ -203,8 +203,9 @@ class Model:
 
     @property
     def image_spans(self) -> list[tuple[int, int]]:
-        """(first position, number of tokens) of each image in the KV cache, in order: the image
-        token ranges CoreMatching prunes."""
+        """(first position, number of tokens) of each run of image tokens in the KV cache, in order:
+        one per image, or where text stands between an image's chunks (SmolVLM's tiles), one per
+        chunk. CoreMatching prunes the runs of one image together."""
         spans, prev = [], None
         for pos, item in enumerate(self._cached):
             if isinstance(item, tuple):
@@ -242,26 +243,31 @@ class Model:
     def _prefill(self, rows: np.ndarray, embd, start: int, images: list, anchor_row: int, sparsity: Sparsity | None) -> np.ndarray:
         """Evaluates rows (token ids, -1 for embedding rows) at positions start.. on top of the
         cache with CoreMatching or dense, records last_stats, and returns the last row's logits.
-        images: (first row, n_rows) of each image among the rows."""
+        images: per image, its (first row, n_rows) segments among the rows: one, or one per image
+        chunk where text stands between its chunks (SmolVLM's tiles). CoreMatching prunes each
+        image as one unit, its text rows untouched."""
         n = len(rows)
         sp = sparsity.to_core(self._engine.info["n_layer"], self.profile) if sparsity is not None else None
         t0 = time.perf_counter()
+        counts = [sum(c for _, c in segs) for segs in images]
+        # the engine's image: (first row, n_rows, ...) or, split by text, (its rows, n_rows, ...)
+        where = [segs[0][0] if len(segs) == 1 else [f + j for f, c in segs for j in range(c)] for segs in images]
         # kept tokens chosen here instead of by the engine's scores (and pooling's groups)
-        spans = [(first, count, []) for first, count in images]
+        spans = [(w, count, []) for w, count in zip(where, counts)]
         t_select = time.perf_counter()
         if sparsity is not None and sparsity.tokens and sparsity.select in selection.MADE_IN_PYTHON:
-            for i, (first, count) in enumerate(images):
-                e0 = int((rows[:first] < 0).sum())  # the image's first row among the embedding rows
+            for i, (segs, count) in enumerate(zip(images, counts)):
+                e0 = int((rows[: segs[0][0]] < 0).sum())  # the image's first row among the embedding rows
                 keep, groups = selection.choose(sparsity.select, embd[e0 : e0 + count], sparsity.budget, sparsity.seed + i)
-                spans[i] = (first, count, keep) if groups is None else (first, count, keep, groups)
+                spans[i] = (where[i], count, keep) if groups is None else (where[i], count, keep, groups)
         select_ms = (time.perf_counter() - t_select) * 1e3  # selections made here; the engine adds its own
         r = self._engine.prefill(rows, np.arange(start, start + n, dtype=np.int32), np.array([n - 1], np.int32), embd,
                                  images=spans, anchor_row=anchor_row, sparsity=sp)
         self.last_stats.update(
             prefill_ms=(time.perf_counter() - t0) * 1e3,
             n_prompt=n,
-            image_tokens=[count for _, count in images],
-            kept_image_tokens=[list(k) for k in r["kept"]] or [list(range(count)) for _, count in images],
+            image_tokens=counts,
+            kept_image_tokens=[list(k) for k in r["kept"]] or [list(range(count)) for count in counts],
             core_neurons=list(r["core_neurons"]) or [self.info["n_ff"]] * self.info["n_layer"],
             select_ms=select_ms + r["select_ms"], stats_ms=r["stats_ms"], compact_ms=r["compact_ms"],
             profile_tables=sparsity is not None and sparsity.uses_tables(self.profile), table_layers=r["table_layers"],
@@ -329,7 +335,7 @@ class Model:
         try:
             self.reset()
             self.last_stats = {"encode_ms": 0.0}
-            logits = self._prefill(rows, embd, 0, images, len(rows) - 1, sparsity)
+            logits = self._prefill(rows, embd, 0, [[im] for im in images], len(rows) - 1, sparsity)
             self._cached = [int(t) if t >= 0 else ("embd", i) for i, t in enumerate(rows)]
             self._exact = len(self._cached)
         except BaseException:
@@ -446,11 +452,13 @@ class Model:
                 items = self._vocab.tokenize(text, add_special=True)
                 spans = []
             else:
+                # an image's rows are (digest, row among all of its chunks' rows): one item however
+                # mtmd splits it (LLaVA-1.6's slices, SmolVLM's tiles)
                 items, spans = [], []  # spans: (first item, ImageChunk)
                 for c in chunks:
                     if isinstance(c, ImageChunk):
                         spans.append((len(items), c))
-                        items.extend((c.image.digest, k) for k in range(c.n_tokens))
+                        items.extend((c.image.digest, c.offset + k) for k in range(c.n_tokens))
                     else:
                         items.extend(c.tokens)
             if len(items) >= self.n_ctx:
@@ -464,19 +472,25 @@ class Model:
 
             rows = np.array([t if isinstance(t, int) else -1 for t in items[keep:]], np.int32)
             embd_parts, new_images = [], []
+            by_image: dict[int, list] = {}  # the prompt's images in order, each its (first item, chunk)s
             for first, chunk in spans:
-                lo, hi = max(first, keep), first + chunk.n_tokens
-                if lo >= hi:
+                by_image.setdefault(chunk.index, []).append((first, chunk))
+            for parts in by_image.values():
+                if parts[-1][0] + parts[-1][1].n_tokens <= keep:
                     continue  # already cached
-                embd = self._image_embd.get(chunk.image.digest)
+                digest = parts[0][1].image.digest
+                embd = self._image_embd.get(digest)
                 if embd is None:
                     t0 = time.perf_counter()
-                    embd = self._vision.encode(chunk)
+                    embd = self._vision.encode_parts([c for _, c in parts])
                     self.last_stats["encode_ms"] += (time.perf_counter() - t0) * 1e3
-                    self._image_embd.put(chunk.image.digest, embd)
-                embd_parts.append(embd[lo - first : hi - first])
-                if lo == first:  # a whole new image: CoreMatching prunes it
-                    new_images.append((first - keep, chunk.n_tokens))
+                    self._image_embd.put(digest, embd)
+                for first, chunk in parts:
+                    lo, hi = max(first, keep), first + chunk.n_tokens
+                    if lo < hi:
+                        embd_parts.append(embd[chunk.offset + lo - first : chunk.offset + hi - first])
+                if parts[0][0] >= keep:  # a whole new image: CoreMatching prunes it (all its chunks as one)
+                    new_images.append([(first - keep, chunk.n_tokens) for first, chunk in parts])
             embd = np.concatenate(embd_parts).astype(np.float32) if embd_parts else None
             anchor_row = max(0, len(items) - self._anchor_offset(messages) - keep)
             try:

@@ -36,9 +36,16 @@ class TextChunk:
 
 @dataclass
 class ImageChunk:
+    """One image chunk of a prompt. mtmd gives an image as one chunk (LLaVA-1.5), or as several: the
+    slices and the overview of LLaVA-1.6 (adjacent), SmolVLM's tiles and global image (with text
+    tokens between them). `index`: which image of the prompt it belongs to; `offset`: its first
+    row among that image's embedding rows (all chunks of the image, in prompt order)."""
+
     image: RGBImage
     n_tokens: int
     _chunk: object = field(repr=False, default=None)  # mtmd_input_chunk_p, valid while its Prompt lives
+    index: int = 0
+    offset: int = 0
 
 
 class Prompt:
@@ -557,19 +564,20 @@ class VisionEncoder:
         bitmaps = []
         chunks_ptr = M.mtmd_input_chunks_init()
         try:
-            for img in images:
+            for i, img in enumerate(images):
                 buf = (ctypes.c_uint8 * img.pixels.size).from_buffer_copy(img.pixels.tobytes())
                 bmp = M.mtmd_bitmap_init(img.width, img.height, buf)
                 if not bmp:
                     raise RuntimeError("mtmd_bitmap_init failed")
                 bitmaps.append(bmp)
+                M.mtmd_bitmap_set_id(bmp, str(i).encode())  # each of its chunks carries it: which image
             raw = text.encode("utf-8")
             inp = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
             arr = (M.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             rc = M.mtmd_tokenize(self._ctx, chunks_ptr, ctypes.byref(inp), arr, len(bitmaps))
             if rc != 0:
                 raise ValueError(f"mtmd could not tokenize the prompt (error {rc})")
-            chunks, next_image = [], 0
+            chunks, rows_of = [], [0] * len(images)  # rows_of: embedding rows of each image so far
             for i in range(M.mtmd_input_chunks_size(chunks_ptr)):
                 chunk = M.mtmd_input_chunks_get(chunks_ptr, i)
                 kind = M.mtmd_input_chunk_get_type(chunk)
@@ -581,8 +589,12 @@ class VisionEncoder:
                     n_tokens = int(M.mtmd_input_chunk_get_n_tokens(chunk))
                     if int(M.mtmd_input_chunk_get_n_pos(chunk)) != n_tokens:
                         raise VisionModelError("image chunks whose positions differ from their token count are not supported")
-                    chunks.append(ImageChunk(images[next_image], n_tokens, chunk))
-                    next_image += 1
+                    cid = M.mtmd_input_chunk_get_id(chunk)
+                    index = int(cid.decode()) if cid else -1
+                    if not 0 <= index < len(images):
+                        raise VisionModelError(f"mtmd gave an image chunk of no known image (id {cid!r})")
+                    chunks.append(ImageChunk(images[index], n_tokens, chunk, index, rows_of[index]))
+                    rows_of[index] += n_tokens
                 else:
                     raise ValueError("only text and image inputs are supported")
             prompt = Prompt(M, None, chunks)
@@ -594,20 +606,30 @@ class VisionEncoder:
             if chunks_ptr:
                 M.mtmd_input_chunks_free(chunks_ptr)
 
-    def encode(self, chunk: ImageChunk) -> np.ndarray:
-        """Image embeddings, float32 [n_tokens, n_embd]."""
+    def _encode_chunk(self, chunk: ImageChunk) -> np.ndarray:
         rc = self._M.mtmd_encode_chunk(self._ctx, chunk._chunk)
         if rc != 0:
             raise RuntimeError(f"mtmd failed to encode the image (error {rc})")
-        self.n_encodes += 1
         ptr = self._M.mtmd_get_output_embd(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens * self.n_embd,)).reshape(chunk.n_tokens, self.n_embd).copy()
 
+    def encode(self, chunk: ImageChunk) -> np.ndarray:
+        """Embeddings of one image chunk, float32 [n_tokens, n_embd]."""
+        self.n_encodes += 1
+        return self._encode_chunk(chunk)
+
+    def encode_parts(self, chunks: list[ImageChunk]) -> np.ndarray:
+        """Embeddings of one image: all of its chunks in prompt order, concatenated (its rows by
+        ImageChunk.offset). Counts as one encode."""
+        if not chunks or any(c.index != chunks[0].index for c in chunks):
+            raise ValueError("encode_parts takes the chunks of one image")
+        self.n_encodes += 1
+        return np.concatenate([self._encode_chunk(c) for c in chunks])
+
     def encode_image(self, image: RGBImage) -> np.ndarray:
-        """Embeddings of one image on its own (what an image chunk of a prompt gets)."""
+        """Embeddings of one image on its own (what its image chunks of a prompt get, concatenated)."""
         prompt = self.tokenize(self.marker, [image])
         try:
-            (chunk,) = [c for c in prompt.chunks if isinstance(c, ImageChunk)]
-            return self.encode(chunk)
+            return self.encode_parts([c for c in prompt.chunks if isinstance(c, ImageChunk)])
         finally:
             prompt.close()

@@ -1,0 +1,261 @@
+"""Every VLM family cmx runs, through one runner: a tiny random pair written as llama.cpp's
+converters write that family (tests/vlm_families.py), against llama-cpp-python (mtmd + llama.cpp)
+and with CoreMatching. One small test per family and check (mlx-lm's tests/test_models.py style).
+
+Families: LLaVA-1.5 (one image chunk), SmolVLM / Idefics3 (tiles and a global image, text tokens
+between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cmx
+import llava_tiny as lt
+import vlm_families as vf
+from cmx.images import load_image
+
+FAMILIES = list(vf.FAMILIES)
+# image tokens mtmd gives each family's test images (tests/vlm_families.py: *_IMAGES)
+IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64]}
+# image chunks per image
+IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1]}
+# the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF)
+MAX_ABS_DIFF = 1e-4
+QUESTION = "What is in the picture?"
+DATA = Path(__file__).parent / "data" / "families"
+
+_pairs: dict = {}
+
+
+@pytest.fixture(scope="module")
+def family_pair(tmp_path_factory):
+    """family -> (text path, mmproj path, image paths), each pair written once per module."""
+
+    def get(family: str):
+        if family not in _pairs:
+            _pairs[family] = vf.FAMILIES[family](tmp_path_factory.mktemp(family))
+        return _pairs[family]
+
+    return get
+
+
+def model(pair, **kw) -> cmx.Model:
+    text, mmproj, _ = pair
+    return cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, **kw)
+
+
+def turn(text, *images):
+    return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": p}} for p in images),
+                                        {"type": "text", "text": text}]}
+
+
+# ---------------------------------------------------------------- the files
+
+
+@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16")])
+def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter):
+    """Our gguf-py writer against what llama.cpp's converter wrote for the same tiny model (run once
+    here with llama-cpp-python 0.3.36's llama.cpp: convert_hf_to_gguf.py --mmproj --outtype f32 for
+    SmolVLM, legacy-models/convert_image_encoder_to_gguf.py --clip-model-is-vision --use-f32 for
+    LLaVA-1.6): every key, type and value, every tensor name, type and shape, in order."""
+    _, mmproj, _ = family_pair(family)
+    want = json.loads((DATA / f"{converter}_mmproj_converter.json").read_text())
+    got = json.loads(json.dumps(vf.gguf_layout(mmproj)))  # tuples -> lists
+    assert got["keys"] == want["keys"]
+    assert got["tensors"] == want["tensors"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_and_reports(family_pair, family):
+    m = model(family_pair(family))
+    assert m.info["arch"] == "llama"
+    assert m.vision.meta["projector_type"] == {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp"}[family]
+
+
+# ---------------------------------------------------------------- parity with llama-cpp-python
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_embeddings_equal_mtmd(family_pair, family):
+    pair = family_pair(family)
+    m = model(pair)
+    text, mmproj, images = pair
+    with lt.MtmdEncoder(mmproj, text) as enc:
+        for path, n_tokens in zip(images, IMAGE_TOKENS[family]):
+            image = load_image(path)
+            ours = m.vision.encode_image(image)
+            assert ours.shape == (n_tokens, m.info["n_embd"])
+            assert np.array_equal(ours, enc.encode(image.pixels))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_matches_llama_cpp(family_pair, family):
+    """The shared runner: the prompt cmx renders (two images), evaluated by llama-cpp-python as its
+    MTMD handler does and by cmx's graph in one mixed batch: the logits of every text row, and
+    the greedy answers."""
+    pair = family_pair(family)
+    text, mmproj, images = pair
+    m = model(pair)
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    prompt_text, _ = m._template.prompt(messages, m.vision.marker)
+    assert prompt_text.count(m.vision.marker) == 2
+    ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=24)
+
+    prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in images[:2]])
+    rows, embd, chunks_per_image = [], [], {}
+    for c in prompt.chunks:
+        if hasattr(c, "tokens"):
+            rows += c.tokens
+        else:
+            rows += [-1] * c.n_tokens
+            embd.append(m.vision.encode(c))
+            chunks_per_image[c.index] = chunks_per_image.get(c.index, 0) + 1
+    prompt.close()
+    assert [chunks_per_image[i] for i in range(2)] == IMAGE_CHUNKS[family][:2]
+    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True)
+    assert len(rows) == len(ref_logits)
+    text_rows = [i for i, r in enumerate(rows) if r >= 0]
+    assert [i for i, x in enumerate(ref_logits) if x is not None] == text_rows
+    a, b = ours[text_rows], np.stack([ref_logits[i] for i in text_rows])
+    assert (a.argmax(1) == b.argmax(1)).all()
+    diff = float(np.abs(a - b).max())
+    print(f"\n{family}: {len(rows)} rows ({len(rows) - len(text_rows)} image rows), max |logit diff| {diff:.3g}")
+    assert diff < MAX_ABS_DIFF, diff
+
+    answer = m.chat(messages, max_tokens=24)
+    assert len(ref_answer) > 0 and answer == m.detokenize(ref_answer)
+    assert m.last_stats["image_tokens"] == IMAGE_TOKENS[family][:2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_image_is_one_item_for_the_cache(family_pair, family):
+    """However mtmd splits an image, it is encoded once, cached as one item (its rows numbered
+    across its chunks) and not encoded again in the next turn or a new conversation."""
+    pair = family_pair(family)
+    m = model(pair)
+    _, _, images = pair
+    messages = [turn(QUESTION, images[0])]
+    first = m.chat(messages, max_tokens=4)
+    assert m.vision.n_encodes == 1
+    rows = [t[1] for t in m._cached if isinstance(t, tuple)]
+    assert rows == list(range(IMAGE_TOKENS[family][0]))
+    n_runs = 1 if family != "smolvlm" else IMAGE_CHUNKS[family][0]  # SmolVLM: text between its tiles
+    assert [n for _, n in m.image_spans] == ([IMAGE_TOKENS[family][0]] if n_runs == 1 else [16] * n_runs)
+    cached = list(m._cached)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more."}]
+    m.chat(messages, max_tokens=4)
+    assert m.vision.n_encodes == 1 and m._cached[: len(cached) - 4] == cached[: len(cached) - 4]
+    m.chat([turn("Again?", images[0])], max_tokens=2)
+    assert m.vision.n_encodes == 1
+
+
+# ---------------------------------------------------------------- CoreMatching
+
+
+def expected_cache_positions(items, kept_per_image):
+    """Positions a layer after K holds: every text row, and of each image the kept rows (indices
+    into the image's rows across all its chunks), at their original positions."""
+    image_rows: dict = {}
+    for pos, it in enumerate(items):
+        if isinstance(it, tuple):
+            image_rows.setdefault(it[0], []).append(pos)
+    keep = set()
+    for rows, kept in zip(image_rows.values(), kept_per_image):
+        keep.update(rows[k] for k in kept)
+    return [p for p, it in enumerate(items) if not isinstance(it, tuple) or p in keep]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_corematching_prunes_each_image_as_one(family_pair, family):
+    """Two images in one prompt, the elbow with the default floor: each image pruned on its own
+    scores (all its chunks together), kept tokens at their original positions, every text token
+    (the special tokens around and between chunks included) kept in every layer."""
+    pair = family_pair(family)
+    _, _, images = pair
+    sp = cmx.Sparsity()
+    m = model(pair, sparsity=sp)
+    m.chat([turn("Compare the two pictures.", images[0], images[2])], max_tokens=4)
+    st = m.last_stats
+    want = [IMAGE_TOKENS[family][0], IMAGE_TOKENS[family][2]]
+    assert st["image_tokens"] == want
+    print(f"\n{family}: kept {[len(k) for k in st['kept_image_tokens']]} of {want} image tokens")
+    for kept, n in zip(st["kept_image_tokens"], want):
+        assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < n
+        assert math.ceil(0.25 * n) <= len(kept) < n  # the floor; the elbow prunes something
+    K = sp.to_core(m.info["n_layer"]).prune_layer
+    eng, n_prompt = m._engine, st["n_prompt"]
+    prompt_items = m._cached[:n_prompt]
+    assert eng.cache_positions(0) == list(range(eng.cache_len(0)))
+    after = eng.cache_positions(K + 1)[: n_prompt - sum(want) + sum(len(k) for k in st["kept_image_tokens"])]
+    assert after == expected_cache_positions(prompt_items, st["kept_image_tokens"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forced_selection_equals_the_scored_one(family_pair, family):
+    """The engine's own choice, forced back in as an image's kept tokens, gives the same logits:
+    its indices address the image's rows across chunks the same way both times (for SmolVLM the
+    rows of an image split by text)."""
+    pair = family_pair(family)
+    _, _, images = pair
+    m = model(pair)
+    messages = [turn(QUESTION, images[0])]
+    sp = cmx.Sparsity(neurons=False)
+    scored = m._prefill_chat(messages, sp)
+    (kept,) = m.last_stats["kept_image_tokens"]
+    assert len(kept) < IMAGE_TOKENS[family][0]
+    # the same kept set as a forced selection (the path of the selections made in Python)
+    from cmx import selection
+
+    orig = selection.choose
+    try:
+        selection.choose = lambda *a, **k: (list(kept), None)
+        m.reset()
+        again = m._prefill_chat(messages, cmx.Sparsity(neurons=False, select="random", budget=len(kept)))
+    finally:
+        selection.choose = orig
+    assert m.last_stats["kept_image_tokens"] == [kept]
+    assert np.abs(again - scored).max() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_with_everything_kept_equals_dense(family_pair, family):
+    """rho = beta = 1 and no token pruning: every neuron is core, nothing is pruned: the dense
+    engine's logits and answer."""
+    pair = family_pair(family)
+    _, _, images = pair
+    messages = [turn(QUESTION, images[1])]
+    dense = model(pair)
+    ref_logits = dense._prefill_chat(messages, None)
+    dense.reset()
+    ref = dense.chat(messages, max_tokens=12)
+    m = model(pair)
+    full = cmx.Sparsity(tokens=False, rho=1.0, beta=1.0, dense_layers=())
+    logits = m._prefill_chat(messages, full)
+    assert np.abs(logits - ref_logits).max() < 1e-5
+    m.reset()
+    assert m.chat(messages, max_tokens=12, sparsity=full) == ref
+    assert m.last_stats["core_neurons"] == [m.info["n_ff"]] * m.info["n_layer"]
+
+
+def test_engine_rows_of_a_split_image_are_checked(family_pair):
+    m = model(family_pair("smolvlm"))
+    e = m._engine
+    n = 12
+    toks, pos, out = np.arange(1, n + 1, dtype=np.int32), np.arange(n, dtype=np.int32), np.array([n - 1], np.int32)
+    sp = cmx.Sparsity(neurons=False).to_core(m.info["n_layer"])
+    for rows, count, message in [([2, 3, 3, 6], 4, "ascending"), ([2, 3, 6], 4, "number n_rows"), ([], 0, "must not be empty"),
+                                 ([2, 3, 20], 3, "inside the batch")]:
+        with pytest.raises(ValueError, match=message):
+            e.prefill(toks, pos, out, images=[(rows, count, [])], anchor_row=n - 1, sparsity=sp)
+    with pytest.raises(ValueError, match="image rows"):
+        e.prefill(toks, pos, np.array([6], np.int32), images=[([2, 3, 6], 3, [])], anchor_row=n - 1, sparsity=sp)
+    # a text row between an image's rows may give logits, and stays in every layer
+    r = e.prefill(toks, pos, np.array([4], np.int32), images=[([2, 3, 6, 7], 4, [1])], anchor_row=n - 1, sparsity=sp)
+    assert r["kept"] == [[1]]
+    assert e.cache_positions(m.info["n_layer"] - 1) == [0, 1, 3, 4, 5, 8, 9, 10, 11]

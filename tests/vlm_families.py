@@ -1,0 +1,343 @@
+"""Tiny random VLM pairs of each family cmx runs, written with gguf-py as llama.cpp's converters
+write them (no network, seconds on CPU), for the per-family tests (tests/test_families.py).
+
+Families (``FAMILIES``):
+
+* ``llava15``: LLaVA-1.5 (``llava_tiny``: CLIP ViT, 2-layer GELU projector, projector type
+  ``mlp``), 576 image tokens in one chunk.
+* ``smolvlm``: SmolVLM / Idefics3. ``convert_hf_to_gguf.py DIR --mmproj`` writes the mmproj
+  (``conversion/smolvlm.py``: projector type ``idefics3``, ``clip.vision.projector.scale_factor``,
+  ``clip.vision.preproc_image_size`` = the processor's ``size.longest_edge``, ``clip.use_gelu``;
+  SigLIP tower ``v.*`` with ``v.post_ln``, projector ``mm.model.fc.weight``);
+  ``convert_hf_to_gguf.py DIR`` the llama text model. mtmd splits an image larger than a tile into
+  rows x cols tiles plus a global image, each tile its own image chunk, with text tokens around and
+  between them (``<fake_token_around_image><row_1_col_1>`` ... ``\\n`` ... ``\\n\\n
+  <fake_token_around_image><global-img>`` (global) ``<fake_token_around_image>``): the text model's
+  vocabulary holds those special tokens, as SmolVLM's does.
+* ``llava16``: LLaVA-1.6 (anyres). llama.cpp's ``convert_hf_to_gguf.py`` has no LLaVA-1.6 class; its
+  documented path (docs/multimodal/llava.md) is ``llava_surgery_v2.py`` then
+  ``convert_image_encoder_to_gguf.py -m vit --llava-projector vit/llava.projector
+  --clip-model-is-vision`` with a ViT ``config.json`` carrying ``image_grid_pinpoints``,
+  ``image_aspect_ratio`` "anyres", ``mm_patch_merge_type`` "spatial_unpad" and the crop/split
+  resolutions: the same ``mlp`` projector as LLaVA-1.5 plus those keys and the
+  ``model.image_newline`` tensor. mtmd (``mtmd_image_preprocessor_llava_uhd``) splits an image
+  larger than the tower's input into the slices of the best pinpoint resolution plus an overview,
+  each its own image chunk, slices first and the overview last, with no text between them; the
+  pinned clip.cpp reads ``v.image_newline`` (not the file's ``model.image_newline``) and its llava
+  graph does not use it, so no row-end embedding is added.
+
+Each ``export_*_pair(out)`` returns ``(text path, mmproj path, [image paths])``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import llava_tiny as lt
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _randomize(model, seed: int) -> None:
+    """Weights drawn so that every part matters (as llava_tiny.build_tiny_llava)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                if ("norm" in name and name.endswith("weight")) or name.endswith("layrnorm.weight"):
+                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "position_embedding" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
+
+
+def _f32(t) -> np.ndarray:
+    import torch
+
+    return t.detach().to(torch.float32).numpy()
+
+
+def test_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image of any size (llava_tiny.test_image, cropped from a larger one)."""
+    return lt.test_image(size=max(width, height), seed=seed)[:height, :width].copy()
+
+
+def _save_images(out: Path, sizes: list[tuple[int, int]]) -> list[str]:
+    from PIL import Image
+
+    paths = []
+    for seed, (w, h) in enumerate(sizes):
+        paths.append(str(Path(out) / f"image{seed}.png"))
+        Image.fromarray(test_image(w, h, seed)).save(paths[-1])
+    return paths
+
+
+def _text_config(vocab_size: int, hidden: int = 64) -> dict:
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolVLM / Idefics3
+# ---------------------------------------------------------------------------------------------
+
+# SmolVLM-256M-Instruct's chat template and llava-hf/llava-v1.6-mistral-7b-hf's, as data
+from test_chat_templates import LLAVA16_MISTRAL as LLAVA16_TEMPLATE, SMOLVLM as SMOLVLM_TEMPLATE  # noqa: E402
+
+# the special tokens SmolVLM's tokenizer adds to SmolLM2's (mtmd looks up the first three by text)
+SMOLVLM_SPECIAL = ["<fake_token_around_image>", "<global-img>", "<image>", "<end_of_utterance>"] + [
+    f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+
+# the tiny SmolVLM: 64 px tiles of 8 px patches (64 patches, 16 tokens after the 2x2 pixel shuffle),
+# images resized to a longest edge of 128 px: up to 2 x 2 tiles and the global image (80 tokens)
+SMOLVLM_TILE, SMOLVLM_PATCH, SMOLVLM_LONGEST_EDGE, SMOLVLM_SCALE = 64, 8, 128, 2
+
+
+def smolvlm_tokenizer():
+    tok = lt.load_smollm2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIAL})
+    tok.chat_template = SMOLVLM_TEMPLATE
+    return tok
+
+
+def build_tiny_idefics3(vocab_size: int, *, seed: int = 0, vision_hidden: int = 64, text_hidden: int = 64):
+    """A random tiny ``Idefics3ForConditionalGeneration`` (SmolVLM's class) in float32, eval mode."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=SMOLVLM_TILE, patch_size=SMOLVLM_PATCH, layer_norm_eps=1e-6),
+        text_config={**_text_config(vocab_size, text_hidden), "architectures": ["VLlama3ForCausalLM"]},
+        scale_factor=SMOLVLM_SCALE,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(cfg).eval().to(torch.float32)
+    _randomize(model, seed)
+    return model
+
+
+def export_idefics3_mmproj(model, path, *, longest_edge: int = SMOLVLM_LONGEST_EDGE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                           name: str = "tiny-smolvlm") -> str:
+    """The mmproj ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` writes for this model (its
+    SmolVLMModel / MmprojModel classes, llama.cpp of llama-cpp-python 0.3.36): the same keys,
+    value types and values in the same order (general.name aside), the same tensors, names, types
+    and shapes in the same order (tests/data/families/idefics3_mmproj_converter.json holds what the
+    converter wrote for this tiny model; test_families.py compares).
+
+    ``longest_edge`` is the image processor's ``size.longest_edge`` (clip.vision.preproc_image_size);
+    the tile size is the vision tower's ``image_size``."""
+    import gguf
+
+    inner = model.model
+    v = model.config.vision_config
+    text_hidden = model.config.text_config.hidden_size
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type("mmproj")
+    w.add_name(name)
+    w.add_file_type(0)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", text_hidden)
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
+    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
+    w.add_array("clip.vision.image_mean", list(mean))
+    w.add_array("clip.vision.image_std", list(std))
+    w.add_string("clip.projector_type", "idefics3")
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
+    w.add_uint32("clip.vision.projector.scale_factor", model.config.scale_factor)
+    w.add_bool("clip.use_gelu", True)
+    w.add_uint32("clip.vision.preproc_image_size", longest_edge)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    vm = inner.vision_model
+    emb = vm.embeddings
+    tensors = [("mm.model.fc.weight", inner.connector.modality_projection.proj.weight),
+               ("v.patch_embd.bias", emb.patch_embedding.bias), ("v.patch_embd.weight", emb.patch_embedding.weight),
+               ("v.position_embd.weight", emb.position_embedding.weight)]
+    for il, layer in enumerate(vm.encoder.layers):  # the checkpoint's (sorted) order of HF names
+        p, att = f"v.blk.{il}.", layer.self_attn
+        tensors += [
+            (p + "ln1.bias", layer.layer_norm1.bias), (p + "ln1.weight", layer.layer_norm1.weight),
+            (p + "ln2.bias", layer.layer_norm2.bias), (p + "ln2.weight", layer.layer_norm2.weight),
+            (p + "ffn_up.bias", layer.mlp.fc1.bias), (p + "ffn_up.weight", layer.mlp.fc1.weight),
+            (p + "ffn_down.bias", layer.mlp.fc2.bias), (p + "ffn_down.weight", layer.mlp.fc2.weight),
+            (p + "attn_k.bias", att.k_proj.bias), (p + "attn_k.weight", att.k_proj.weight),
+            (p + "attn_out.bias", att.out_proj.bias), (p + "attn_out.weight", att.out_proj.weight),
+            (p + "attn_q.bias", att.q_proj.bias), (p + "attn_q.weight", att.q_proj.weight),
+            (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
+        ]
+    tensors += [("v.post_ln.bias", vm.post_layernorm.bias), ("v.post_ln.weight", vm.post_layernorm.weight)]
+    for tname, t in tensors:
+        w.add_tensor(tname, _f32(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_text(model_text, lm_head, text_config: dict, tokenizer, path, outtype: str = "f32") -> str:
+    from cmx.convert.llava import export_text_model
+
+    state = {**model_text.state_dict(), "lm_head.weight": lm_head.weight}
+    return str(export_text_model(text_config, state, tokenizer, path, outtype=outtype))
+
+
+# image sizes (mtmd resizes each to a longest edge of 128 px): 2 x 2 tiles, 1 row x 2 columns, 2 rows x 1 column; each + global
+SMOLVLM_IMAGES = [(160, 120), (128, 64), (40, 120)]
+
+
+def export_smolvlm_pair(out, text_type: str = "f32"):
+    tok = smolvlm_tokenizer()
+    model = build_tiny_idefics3(len(tok))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = export_text(model.model.text_model, model.lm_head, model.config.text_config.to_dict(), tok,
+                       out / "tiny-smolvlm.gguf", text_type)
+    mmproj = export_idefics3_mmproj(model, out / "mmproj-tiny-smolvlm.gguf")
+    return text, mmproj, _save_images(out, SMOLVLM_IMAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-1.6
+# ---------------------------------------------------------------------------------------------
+
+# the tiny LLaVA-1.6: a 112 px CLIP (8 x 8 patches of 14 px: 64 tokens per slice) and llava-v1.6's
+# pinpoints scaled from 336 to 112 px; config_vit.json's other anyres settings as llava-v1.6 has them
+LLAVA16_SIZE = 112
+LLAVA16_PINPOINTS = [[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]]
+# 2 x 2 slices + overview; 1 x 2 slices + overview; no larger than the tower's input: overview only
+LLAVA16_IMAGES = [(200, 180), (220, 100), (100, 90)]
+
+
+def export_llava16_mmproj(model, path, *, pinpoints=LLAVA16_PINPOINTS, name: str = "tiny-llava-v1.6") -> str:
+    """The mmproj ``convert_image_encoder_to_gguf.py -m vit --llava-projector vit/llava.projector
+    --output-dir vit --clip-model-is-vision --use-f32`` writes for LLaVA-1.6 (docs/multimodal/llava.md):
+    llava_tiny.export_legacy_mmproj's file (LLaVA-1.5's) plus, after clip.vision.block_count, the
+    anyres keys of the ViT config (``image_grid_pinpoints`` flattened, ``image_crop_resolution``,
+    ``image_aspect_ratio``, ``image_split_resolution``, ``mm_patch_merge_type``,
+    ``mm_projector_type``), and the projector's ``model.image_newline`` (f32) after ``mm.2.*``
+    (llava_surgery_v2.py saves it after the projector; the converter keeps its name).
+    tests/data/families/llava16_mmproj_converter.json holds what the converter wrote."""
+    import torch
+
+    extra_keys = [
+        ("image_grid_pinpoints", [p for pair in pinpoints for p in pair]),
+        ("image_crop_resolution", 224), ("image_aspect_ratio", "anyres"), ("image_split_resolution", 224),
+        ("mm_patch_merge_type", "spatial_unpad"), ("mm_projector_type", "mlp2x_gelu"),
+    ]
+    g = torch.Generator().manual_seed(7)
+    newline = (0.5 * torch.randn(model.config.text_config.hidden_size, generator=g)).numpy().astype(np.float32)
+    return lt.export_legacy_mmproj(model, path, use_f32=True, name=name, extra_keys=extra_keys,
+                                   extra_tensors=[("model.image_newline", newline)])
+
+
+def export_llava16_pair(out, text_type: str = "f32"):
+    tok = lt.load_smollm2_tokenizer()
+    tok.chat_template = LLAVA16_TEMPLATE
+    model = lt.build_tiny_llava(vocab_size=len(tok), image_size=LLAVA16_SIZE)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    inner = getattr(model, "model", model)
+    text = export_text(inner.language_model, model.lm_head, model.config.text_config.to_dict(), tok,
+                       out / "tiny-llava16.gguf", text_type)
+    mmproj = export_llava16_mmproj(model, out / "mmproj-tiny-llava16.gguf")
+    return text, mmproj, _save_images(out, LLAVA16_IMAGES)
+
+
+def export_llava15_pair(out, text_type: str = "f32"):
+    return lt.export_tiny_pair(Path(out), text_type=text_type, mmproj_type="f32", n_images=3)
+
+
+FAMILIES = {"llava15": export_llava15_pair, "smolvlm": export_smolvlm_pair, "llava16": export_llava16_pair}
+
+
+def gguf_layout(path) -> dict:
+    """What tests/data/families/*_converter.json hold of a GGUF: every key but general.name and
+    general.size_label (name, value types, value; floats to 6 significant places) and every tensor
+    (name, type, shape), in file order."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+
+    def rounded(v):
+        return [rounded(x) for x in v] if isinstance(v, list) else (float(f"{v:.6g}") if isinstance(v, float) else v)
+
+    keys = [[k, [t.name for t in f.types], rounded(f.contents())] for k, f in r.fields.items()
+            if not k.startswith("GGUF.") and k not in ("general.name", "general.size_label")]
+    return {"keys": keys, "tensors": [[t.name, t.tensor_type.name, [int(s) for s in t.shape]] for t in r.tensors]}
+
+
+def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096):
+    """llama-cpp-python evaluating mtmd's chunks the way its MTMD chat handler does (image files
+    decoded by mtmd's helper, each chunk at the positions mtmd assigns); returns the logits of
+    every row (None for image rows) and its greedy continuation."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
+    ref = llama_cpp.Llama(str(text_path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, n_threads=2,
+                          n_threads_batch=2)
+    params = M.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.warmup, params.n_threads = False, False, False, 2
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the MTMD handler (Llama's default)
+    ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), ref.model, params)
+    assert ctx
+    bitmaps = []
+    for path in image_paths:
+        data = open(path, "rb").read()
+        bitmaps.append(M.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer_copy(data), len(data), False))
+    chunks = M.mtmd_input_chunks_init()
+    raw = prompt_text.encode()
+    inp = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
+    assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (M.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps), len(bitmaps)) == 0
+    logits = []
+    for i in range(M.mtmd_input_chunks_size(chunks)):
+        chunk = M.mtmd_input_chunks_get(chunks, i)
+        if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            n = ctypes.c_size_t()
+            ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            toks = [ptr[j] for j in range(n.value)]
+            start = ref.n_tokens
+            ref.eval(toks)
+            logits.extend(np.array(ref.scores[start : start + len(toks)]))
+        else:
+            new_n_past = llama_cpp.llama_pos(0)
+            assert M.mtmd_helper_eval_chunk_single(ctx, ref._ctx.ctx, chunk, ref.n_tokens, 0, 512, False,
+                                                   ctypes.byref(new_n_past)) == 0
+            logits.extend([None] * (new_n_past.value - ref.n_tokens))
+            ref.n_tokens = new_n_past.value
+    last = logits[-1]
+    out = []
+    vocab = llama_cpp.llama_model_get_vocab(ref.model)
+    for _ in range(n_gen):
+        tok = int(np.argmax(last))
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            break
+        out.append(tok)
+        ref.eval([tok])
+        last = np.array(ref.scores[ref.n_tokens - 1])
+    M.mtmd_input_chunks_free(chunks)
+    for bmp in bitmaps:
+        M.mtmd_bitmap_free(bmp)
+    M.mtmd_free(ctx)
+    ref.close()
+    return logits, out
