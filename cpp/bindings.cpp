@@ -141,6 +141,9 @@ PYBIND11_MODULE(_core, mod) {
         .value("anchor", TokenScore::anchor)
         .value("paper", TokenScore::paper)
         .value("fastv", TokenScore::fastv);
+    py::enum_<NeuronTokens>(mod, "NeuronTokens")
+        .value("all", NeuronTokens::all)
+        .value("text", NeuronTokens::text);
     py::class_<SparsityParams>(mod, "SparsityParams", "CoreMatching settings (see cmx.Sparsity, which validates them)")
         .def(py::init<>())
         .def_readwrite("tokens", &SparsityParams::tokens)
@@ -153,6 +156,7 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("min_keep", &SparsityParams::min_keep)
         .def_readwrite("max_keep", &SparsityParams::max_keep)
         .def_readwrite("dense_layers", &SparsityParams::dense_layers)
+        .def_readwrite("neuron_tokens", &SparsityParams::neuron_tokens)
         .def_readwrite("thresholds", &SparsityParams::thresholds)
         .def_readwrite("neuron_order", &SparsityParams::neuron_order)
         .def_readwrite("short_prompt_tokens", &SparsityParams::short_prompt_tokens);

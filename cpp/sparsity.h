@@ -17,6 +17,10 @@ namespace cmx {
 // attention the batch's last row pays them at layer K, averaged over heads).
 enum class TokenScore { anchor, paper, fastv };
 
+// Which prompt tokens' statistics make a layer's core neurons for the decode: every token the
+// layer holds, or its text tokens alone (image rows then count for nothing: the answer is text).
+enum class NeuronTokens { all, text };
+
 struct SparsityParams {
     bool tokens = true;    // prune image tokens after prune_layer
     bool neurons = true;   // decode FFNs read only core neurons
@@ -27,6 +31,7 @@ struct SparsityParams {
     int budget = 0;        // > 0: keep this many tokens per image instead of the elbow's count
     double min_keep = 0.0, max_keep = 1.0;  // bounds on the elbow's kept fraction
     std::vector<int> dense_layers;          // layers whose decode FFN stays dense
+    NeuronTokens neuron_tokens = NeuronTokens::all;
     // From a profile stored in the model file (cmx.coreprofile), each empty when not used:
     std::vector<float> thresholds;                  // per layer: token-wise core neurons are a > tau (NaN: sort)
     std::vector<std::vector<int32_t>> neuron_order; // per layer: every neuron, by calibration frequency
@@ -47,6 +52,7 @@ struct NeuronStats {
     size_t size() const { return n_active.size(); }
     void reserve_rows(size_t rows);  // the KV cache's capacity, before the first append
     void truncate(size_t n);
+    void forget(size_t row) { n_active[row] = -1; }  // the row no longer counts towards core neurons
     void append_none(size_t n);
     // Statistics of n_tokens tokens from their activations, token-major [n_tokens][n_ff].
     // A different rho than the stored one invalidates the stored tokens.

@@ -19,6 +19,10 @@ class TokenScore:
     paper: "TokenScore"
     fastv: "TokenScore"
 
+class NeuronTokens:
+    all: "NeuronTokens"
+    text: "NeuronTokens"
+
 class SparsityParams:
     tokens: bool
     neurons: bool
@@ -30,6 +34,7 @@ class SparsityParams:
     min_keep: float
     max_keep: float
     dense_layers: list[int]
+    neuron_tokens: NeuronTokens
     thresholds: list[float]
     neuron_order: list[list[int]]
     short_prompt_tokens: int

@@ -191,7 +191,7 @@ class PrefillResult:
     kept: list  # per image: kept token indices into the image (ascending int64)
     scores: list | None  # per image: its tokens' scores at layer K (None: no token pruning / an
     #                      image with an earlier selection)
-    core_neurons: list  # per layer: C^beta of the prompt rows that layer saw (ascending int32)
+    core_neurons: list  # per layer: C^beta of the prompt rows that layer saw (or their text rows; ascending int32)
     rows: np.ndarray  # prompt rows held by the layers after K (text + kept image rows), ascending
     sparse_layers: list  # layers whose decode FFN reads only their core neurons (empty: dense decode)
 
@@ -225,6 +225,8 @@ class CoreMatchingReference:
     `decode` then runs one token at a time on a KV cache holding exactly those rows, each sparse
     layer's FFN restricted to the core neurons found in the prefill (the prefill itself is dense).
     `block` (int, or one per layer) is the quantization block n_core is rounded up to.
+    `neuron_tokens` 'text' takes the core neurons from the text rows alone (image rows count for
+    nothing), as `cmx.Sparsity(neuron_tokens='text')` does.
     """
 
     def __init__(
@@ -242,6 +244,7 @@ class CoreMatchingReference:
         tokens: bool = True,
         neurons: bool = True,
         block: int | Sequence[int] = 1,
+        neuron_tokens: str = "all",
     ):
         import torch  # noqa: F401  (fail here, not in the middle of a forward)
 
@@ -258,6 +261,9 @@ class CoreMatchingReference:
             raise ValueError(f"prune_layer must be in [0, {n_layers}) with tokens=True, got {prune_layer!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if neuron_tokens not in ("all", "text"):
+            raise ValueError(f"neuron_tokens must be 'all' or 'text', got {neuron_tokens!r}")
+        self.neuron_tokens = neuron_tokens
         _check_fraction("rho", rho)
         _check_fraction("beta", beta)
         keep_count([], budget, min_keep, max_keep)  # validates the selection parameters
@@ -310,15 +316,22 @@ class CoreMatchingReference:
         kept = [np.arange(n, dtype=np.int64) for _, n in image_spans]
         scores = None
         h = x
+        seen = [None] * len(self.layers)  # the prompt rows each layer saw
         with torch.no_grad(), self._ffn_hooks(capture=acts):
             for il, layer in enumerate(self.layers):
                 h = self._run_layer(layer, h, positions=rows)
+                seen[il] = rows
                 if self.tokens and il == self.prune_layer:
                     scores, kept = self._select_image_tokens(acts[il], image_rows, anchor_row, earlier_kept)
                     rows = keep_rows(n_rows, image_spans, kept)
                     h = h[:, torch.as_tensor(rows)]  # layers <= K hold every row: rows index h
             logits = self._logits(h[:, -1:])
 
+        if self.neuron_tokens == "text":  # the core neurons from the text rows alone
+            is_image = np.zeros(n_rows, dtype=bool)
+            for r in image_rows:
+                is_image[r] = True
+            acts = [a[~is_image[seen_rows]] for a, seen_rows in zip(acts, seen)]
         core = [core_neurons(acts[il], self.rho, self.beta, self.block[il]) for il in range(len(self.layers))]
         self._decode_core = {il: torch.as_tensor(core[il], dtype=torch.long) for il in self.sparse_layers}
         self._next_position = n_rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 SCORES = ("anchor", "paper")
+NEURON_TOKENS = ("all", "text")
 SELECTIONS = ("corematching", "fastv", "divprune", "pool", "random")
 
 
@@ -33,6 +34,9 @@ class Sparsity:
                  the model file's profile, else 0.25 and 1.0; the floor of 0.25 is measured:
                  docs/decisions.md, "CoreMatching defaults")
     dense_layers layers whose decode FFN stays dense (None: the first and the last)
+    neuron_tokens which prompt tokens' activations choose the core neurons: 'all' (every token
+                 each layer holds, image tokens included) or 'text' (the text tokens alone: the
+                 answer is text; docs/decisions.md, "Core neurons from text tokens")
     select       which image tokens stay: 'corematching' (the scores above), or for comparisons at
                  an equal `budget`: 'fastv' (the most attended by the prompt's last token at layer
                  K), 'divprune' (the max-min cosine diversity subset of the image's embeddings),
@@ -55,6 +59,7 @@ class Sparsity:
     min_keep: float | None = None
     max_keep: float | None = None
     dense_layers: tuple[int, ...] | None = field(default=None)
+    neuron_tokens: str = "all"
     select: str = "corematching"
     seed: int = 0
     profile: bool = True
@@ -77,6 +82,8 @@ class Sparsity:
             raise ValueError(f"select={self.select!r} compares selections at an equal budget: it needs tokens=True and budget=k")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.neuron_tokens not in NEURON_TOKENS:
+            raise ValueError(f"neuron_tokens must be one of {NEURON_TOKENS}, got {self.neuron_tokens!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.prune_layer is not None and (isinstance(self.prune_layer, bool) or not isinstance(self.prune_layer, int) or self.prune_layer < 0):
@@ -118,7 +125,7 @@ class Sparsity:
 
     def to_core(self, n_layer: int, profile=None):
         """The engine's SparsityParams (with the profile's tables when `uses_tables`)."""
-        from ._core import SparsityParams, TokenScore
+        from ._core import NeuronTokens, SparsityParams, TokenScore
 
         s = self.resolved(n_layer, profile)
         p = SparsityParams()
@@ -128,6 +135,7 @@ class Sparsity:
         p.budget = s.budget or 0
         p.min_keep, p.max_keep = s.min_keep, s.max_keep
         p.dense_layers = list(s.dense_layers)
+        p.neuron_tokens = getattr(NeuronTokens, s.neuron_tokens)
         if self.uses_tables(profile):
             p.thresholds = [float(t) for t in profile.tau]
             p.neuron_order = profile.neuron_order.tolist()
