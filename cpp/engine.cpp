@@ -260,11 +260,22 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     const bool scored = std::any_of(images.begin(), images.end(), [](const ImageSpan &im) { return im.keep.empty(); });
     std::vector<uint8_t> dense(hp.n_layer, 0), act_use(hp.n_layer, 0);
     for (int l : sp->dense_layers) dense[l] = 1;
+    const bool text_stats = sp->neurons && sp->neuron_tokens == NeuronTokens::text && !images.empty();
     for (int il = 0; il < hp.n_layer; ++il) {
-        if (sp->neurons && !dense[il]) act_use[il] |= kActStats;
+        if (sp->neurons && !dense[il]) act_use[il] |= kActStats | (text_stats ? kActTextStats : 0);
         if (prune && scored && il == K && sp->score != TokenScore::fastv)
             act_use[il] |= kActCapture | (sp->score == TokenScore::paper ? kActStats : 0);
+        if (prune && scored && il == K && sp->score == TokenScore::paper)
+            act_use[il] &= ~kActTextStats;  // the paper score matches against every row's core neurons
     }
+    Batch marked;  // the batch with its image rows marked, for the statistics ops to skip
+    if (text_stats) {
+        marked = batch;
+        marked.image_rows.assign(batch.tokens.size(), 0);
+        for (const ImageSpan &im : images)
+            for (int32_t j = 0; j < im.n_rows; ++j) marked.image_rows[im.row(j)] = 1;
+    }
+    const Batch &run = text_stats ? marked : batch;
     const int64_t n_ff = hp.n_ff;
     auto block_of = [&](int il) { return ggml_blck_size(model_->layers[il].ffn_down->type); };
 
@@ -325,7 +336,7 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
         kept_rows = choice.rows;
         return choice;
     };
-    res.logits = forward(batch, prune ? K : -1, prune ? choose : ChooseKeep(), false, act_use, sp->rho, false, &res.stats_ms,
+    res.logits = forward(run, prune ? K : -1, prune ? choose : ChooseKeep(), false, act_use, sp->rho, false, &res.stats_ms,
                          prune && scored && fastv ? K : -1);
     for (const ImageSpan &im : images)
         if (!prune) {  // no pruning: every token stays
@@ -387,6 +398,8 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
         rest.pos.push_back(batch.pos[keep[i]]);
     }
     rest.tokens.assign(keep.size(), -1);
+    if (!batch.image_rows.empty())
+        for (int32_t r : keep) rest.image_rows.push_back(batch.image_rows[r]);
     rest.embd = hidden.data();
     rest.n_embd_rows = (int)keep.size();
     for (int32_t r : batch.out_rows) {
@@ -410,7 +423,7 @@ std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t 
     for (size_t i = begin; i < end; ++i) n_token_rows += batch.tokens[i] >= 0;
     const bool last = end == batch.tokens.size();
     std::vector<int64_t> key = {n_rows, n_token_rows, last ? (int64_t)batch.out_rows.size() : 0, layer_begin, layer_end,
-                                use_compact ? compact_.version() : -1, attn_layer};
+                                use_compact ? compact_.version() : -1, attn_layer, !batch.image_rows.empty()};
     const auto &layers = cache_->layers;
     for (int il = layer_begin; il < layer_end; ++il) {
         size_t group = layer_begin;  // first layer with the same cache length: masks and slots are shared
@@ -465,6 +478,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             Batch shape;  // what the builder reads: row kinds and the number of outputs
             shape.tokens = batch.tokens;
             shape.out_rows = out_rows;
+            shape.image_rows = batch.image_rows;
             g->stats_ops = ops;
             GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, &g->stats_ops, use_compact ? &compact_ : nullptr, attn_layer};
             g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
@@ -500,6 +514,11 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         const int32_t *pos = batch.pos.data() + begin;
         set_input(in.pos, pos);
         set_input(in.out_rows, out_rows.data());
+        if (in.stats_rows) {  // statistics for the text rows only
+            std::vector<int32_t> wanted(n_rows);
+            for (int64_t i = 0; i < n_rows; ++i) wanted[i] = !batch.image_rows[begin + i];
+            set_input(in.stats_rows, wanted.data());
+        }
         for (auto &m : in.masks) {
             // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i
             const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cache_->layers[m.layer].pos.size();

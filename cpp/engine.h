@@ -20,7 +20,9 @@ namespace cmx {
 
 // What a graph does with a layer's FFN activations (bit flags per layer): neuron statistics
 // (computed in the graph), or the activations themselves (token scores at the pruning layer).
-enum ActUse : uint8_t { kActStats = 1, kActCapture = 2 };
+// kActTextStats: the layer's statistics op skips the rows Batch::image_rows marks (their
+// statistics would be forgotten: NeuronTokens::text).
+enum ActUse : uint8_t { kActStats = 1, kActCapture = 2, kActTextStats = 4 };
 
 // Per-layer KV cache. k: [n_embd_kv, n_ctx] (token j is row j); v is stored transposed,
 // [n_ctx, n_embd_kv], so attention reads it with one matmul (llama.cpp's non-flash layout).
@@ -57,6 +59,7 @@ struct Batch {
     int n_embd_rows = 0;
     std::vector<int32_t> pos;        // per row: RoPE position (explicit; need not be contiguous)
     std::vector<int32_t> out_rows;   // rows whose logits are returned (after pruning: kept rows)
+    std::vector<uint8_t> image_rows; // per row: 1 for an image's row (empty: none); read by kActTextStats
 };
 
 // Token pruning: layers <= after_layer see all rows of the batch, later layers only keep_rows

@@ -130,11 +130,17 @@ struct Builder {
 void stats_rows(ggml_tensor *dst, int ith, int nth, void *userdata) {
     StatsOp &op = *(StatsOp *)userdata;
     const auto t0 = std::chrono::steady_clock::now();
-    const ggml_tensor *act = dst->src[0];  // F32 [n_ff, n_rows]
+    const ggml_tensor *act = dst->src[0];     // F32 [n_ff, n_rows]
+    const ggml_tensor *wanted = dst->src[1];  // I32 [n_rows] or null: every row
     const int64_t n_rows = act->ne[1];
-    for (int64_t r = ith; r < n_rows; r += nth)
-        token_stats((const float *)((const char *)act->data + r * act->nb[1]), op.n_ff, op.kmax, op.tau,
-                    (int32_t *)((char *)dst->data + r * dst->nb[1]));
+    for (int64_t r = ith; r < n_rows; r += nth) {
+        int32_t *out = (int32_t *)((char *)dst->data + r * dst->nb[1]);
+        if (wanted && !((const int32_t *)wanted->data)[r]) {
+            out[0] = -1;  // no statistics for this row
+            continue;
+        }
+        token_stats((const float *)((const char *)act->data + r * act->nb[1]), op.n_ff, op.kmax, op.tau, out);
+    }
     if (ith == 0) op.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
@@ -207,9 +213,13 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         }
         if (stats) {
             StatsOp *op = &(*spec.stats_ops)[il];
-            ggml_tensor *args[1] = {ggml_is_contiguous(act) ? act : ggml_cont(ctx, act)};
-            ggml_tensor *st = ggml_custom_4d(ctx, GGML_TYPE_I32, 1 + op->kmax, act->ne[1], 1, 1, args, 1, stats_rows,
-                                             GGML_N_TASKS_MAX, op);  // [1 + kmax, n_rows]
+            ggml_tensor *args[2] = {ggml_is_contiguous(act) ? act : ggml_cont(ctx, act), nullptr};
+            if ((use & kActTextStats) && !batch.image_rows.empty()) {
+                if (!in.stats_rows) in.stats_rows = input_tensor(ctx, GGML_TYPE_I32, n_rows, 0, "inp_stats_rows");
+                args[1] = in.stats_rows;
+            }
+            ggml_tensor *st = ggml_custom_4d(ctx, GGML_TYPE_I32, 1 + op->kmax, act->ne[1], 1, 1, args, args[1] ? 2 : 1,
+                                             stats_rows, GGML_N_TASKS_MAX, op);  // [1 + kmax, n_rows]
             ggml_format_name(st, "neuron_stats_l%d", il);
             ggml_set_output(st);
             ggml_build_forward_expand(gf, st);

@@ -15,6 +15,7 @@ struct GraphInputs {
     ggml_tensor *row_order = nullptr;   // I32 [n_rows]: mixed batches interleave tokens and embeddings
     ggml_tensor *pos = nullptr;         // I32 [n_rows]
     ggml_tensor *out_rows = nullptr;    // I32 [n_out]
+    ggml_tensor *stats_rows = nullptr;  // I32 [n_rows]: 1 where kActTextStats layers take statistics
     struct Mask {
         ggml_tensor *t;  // F32 [n_kv, n_q]; n_kv = n_past + n_q rounded up (padding masked)
         int layer;       // a layer whose cache length (n_past) defines it

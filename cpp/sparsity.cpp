@@ -147,6 +147,7 @@ void NeuronStats::append_rows(const int32_t *rows, int64_t n_tokens) {
     for (int64_t j = 0; j < n_tokens; ++j) {
         const int32_t *row = rows + j * stride;
         n_active[base + j] = row[0];
+        if (row[0] < 0) continue;  // a row the op skipped: no statistics
         for (int i = 0; i < kmax; ++i) slots[j * (size_t)kmax + i] = (uint16_t)row[1 + i];
     }
 }

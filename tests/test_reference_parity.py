@@ -254,13 +254,14 @@ LLAVA_CASES = {  # id -> (text layers, settings)
     "L2-paper-budget64-all-sparse": (2, cmx.Sparsity(score="paper", budget=64, dense_layers=())),
     "L4-text-neurons": (4, cmx.Sparsity(neuron_tokens="text")),  # core neurons from the text rows
     "L4-text-neurons-no-pruning": (4, cmx.Sparsity(neuron_tokens="text", tokens=False, dense_layers=())),
+    "L2-paper-text-neurons-all-sparse": (2, cmx.Sparsity(score="paper", neuron_tokens="text", dense_layers=())),
 }
 
 
 @pytest.mark.parametrize("case", list(LLAVA_CASES))
 def test_tiny_llava_selection_and_logits_match_the_reference(tiny_llava, case):
-    """Measured: kept tokens and core neurons identical in all 8 cases (470, 503, 64, 505, 45, 64,
-    470 and 576 of 576 tokens kept); logits <= 1.5e-4 (prefill), <= 1.7e-4 (decode)."""
+    """Measured: kept tokens and core neurons identical in all 9 cases (470, 503, 64, 505, 45, 64,
+    470, 576 and 45 of 576 tokens kept); logits <= 1.5e-4 (prefill), <= 1.7e-4 (decode)."""
     n_layer, sparsity = LLAVA_CASES[case]
     llava = tiny_llava(n_layer)
     m = llava.model
