@@ -311,7 +311,7 @@ class MtmdEncoder:
 
     Call sequence (llama-cpp-python 0.3.36):
       llm = Llama(text_gguf, vocab_only=True)              # mtmd needs the vocab + n_embd only
-      p = mtmd_context_params_default(); p.use_gpu=False; p.n_threads=N; p.warmup=False
+      p = mtmd_context_params_default(); p.use_gpu=GPU; p.n_threads=N; p.warmup=False
       ctx = mtmd_init_from_file(mmproj, llm.model, p)
       bmp = mtmd_bitmap_init(W, H, <uint8 RGB, row-major, W*H*3>)
       chunks = mtmd_input_chunks_init()
@@ -329,9 +329,11 @@ class MtmdEncoder:
         from llama_cpp import mtmd_cpp as M
 
         self._M = M
+        from devices import GPU  # cmx's encoder runs on the GPU when there is one: so does this one
+
         self.llm = llama_cpp.Llama(str(text_model_path), vocab_only=True, verbose=False)
         params = M.mtmd_context_params_default()
-        params.use_gpu = False
+        params.use_gpu = GPU
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False

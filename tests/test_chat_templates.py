@@ -412,7 +412,9 @@ def test_prompt_tokens_equal_llama_cpp_python_mtmd_handler(qwen2vl_templated_lla
     ours = [t if isinstance(t, int) else None for t in m._cached[:n_prompt]]  # None: an image row
 
     # llama-cpp-python's MTMDChatHandler as it is, watched at mtmd_tokenize: its prompt text and chunks
-    handler = MTMDChatHandler(clip_model_path=mmproj, verbose=False, use_gpu=False)
+    from devices import GPU, N_GPU_LAYERS  # cmx's device (tests/devices.py)
+
+    handler = MTMDChatHandler(clip_model_path=mmproj, verbose=False, use_gpu=GPU)
     seen = {}
     real = handler._mtmd_cpp
 
@@ -436,7 +438,8 @@ def test_prompt_tokens_equal_llama_cpp_python_mtmd_handler(qwen2vl_templated_lla
             return rc
 
     handler._mtmd_cpp = Watch()
-    llm = llama_cpp.Llama(text_path, chat_handler=handler, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+    llm = llama_cpp.Llama(text_path, chat_handler=handler, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False,
+                          n_gpu_layers=N_GPU_LAYERS)
     out = llm.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0)
 
     assert seen["text"] == ours_text == FAMILIES["qwen2-vl"][3]

@@ -8,6 +8,7 @@ from PIL import Image
 import cmx
 import llava_tiny as lt
 from cmx import _core
+from devices import GPU
 from cmx._core import Engine
 from cmx.chat import flatten_messages
 
@@ -71,7 +72,11 @@ def test_pruned_prefill_over_ubatches_equals_one_graph(engine_factory, n_batch):
     split_engine = engine_factory(n_batch)
     split = prefill(split_engine, keep, sparsity(neurons=False))
     assert split["kept"] == one["kept"] == [keep]
-    assert np.abs(one["logits"] - split["logits"]).max() < 1e-4
+    # On a GPU the row count of a graph picks the kernels (CUDA: one row a vector kernel, up to 16
+    # rows an mma kernel of ggml's own, more rows cuBLAS), and CUDA computes f32 products in TF32,
+    # rounded differently by each: 0.03-0.04 between these graphs on the H200. On the CPU the
+    # kernels do not depend on the row count.
+    assert np.abs(one["logits"] - split["logits"]).max() < (0.1 if GPU else 1e-4)
     n_kept = len(TOKENS) - IMAGE[1] + len(keep)
     assert split_engine.cache_len(0) == len(TOKENS) and split_engine.cache_len(1) == n_kept
     assert split_engine.cache_positions(1) == [p for p in range(len(TOKENS)) if not IMAGE[0] <= p < sum(IMAGE)

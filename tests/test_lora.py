@@ -9,6 +9,7 @@ import pytest
 import cmx
 import llama_cpp
 import tiny_models
+from devices import N_GPU_LAYERS
 from test_engine_parity import MAX_ABS_DIFF, PROMPT, reference_greedy
 
 RANK = 4
@@ -51,7 +52,7 @@ def test_lora_matches_llama_cpp(tiny_model_path, tmp_path, modules, scale):
     tokens = m.tokenize(PROMPT)[:64]
     ours = m.logits(tokens)
     ref = llama_cpp.Llama(path, n_ctx=512, logits_all=True, verbose=False, n_threads=2, n_threads_batch=2,
-                          lora_path=lora, lora_scale=scale)
+                          lora_path=lora, lora_scale=scale, n_gpu_layers=N_GPU_LAYERS)
     ref.eval(tokens)
     theirs = np.array(ref.scores[: len(tokens)], dtype=np.float32)
     assert np.abs(ours - theirs).max() < MAX_ABS_DIFF["f32"]

@@ -22,6 +22,7 @@ import cmx
 import llama_cpp
 import llava_tiny as lt
 import tiny_models
+from devices import GPU, N_GPU_LAYERS
 from cmx.images import load_image
 from cmx.vision import VisionModelError, inspect_mmproj
 
@@ -123,9 +124,10 @@ def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_path, n_gen):
     (token ids, up to n_gen, stopping at end of generation)."""
     from llama_cpp import mtmd_cpp as M
 
-    ref = llama_cpp.Llama(text_path, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2, n_threads_batch=2)
+    ref = llama_cpp.Llama(text_path, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2, n_threads_batch=2,
+                          n_gpu_layers=N_GPU_LAYERS)  # cmx's device, the encoder's too (tests/devices.py)
     params = M.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.warmup, params.n_threads = False, False, False, 2
+    params.use_gpu, params.print_timings, params.warmup, params.n_threads = GPU, False, False, 2
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = M.mtmd_init_from_file(mmproj_path.encode(), ref.model, params)
     assert ctx, "llama-cpp-python's mtmd refused the pair"
@@ -180,8 +182,9 @@ def llama_cpp_answer(text_path, mmproj_path, image_path, max_tokens):
         def _get_template_messages(self, messages, media_marker):
             return flatten_messages(messages, media_marker)[0]
 
-    handler = FlatContentMTMDChatHandler(clip_model_path=mmproj_path, verbose=False, use_gpu=False)
-    llm = llama_cpp.Llama(text_path, chat_handler=handler, n_ctx=2048, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False)
+    handler = FlatContentMTMDChatHandler(clip_model_path=mmproj_path, verbose=False, use_gpu=GPU)
+    llm = llama_cpp.Llama(text_path, chat_handler=handler, n_ctx=2048, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False,
+                          n_gpu_layers=N_GPU_LAYERS)
     try:
         url = "data:image/png;base64," + base64.b64encode(open(image_path, "rb").read()).decode()
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]

@@ -39,3 +39,14 @@ def test_single_ggml_copy(tiny_model_path, first):
     base = [k for k in libs if k.startswith("libggml-base.so")]
     assert len(base) == 1, libs  # one libggml-base file mapped ...
     assert all(n == 1 for n in libs.values()), libs  # ... and each ggml library from one inode
+
+
+def test_one_cxx_runtime():
+    """libllama takes the C++ runtime from the shared libstdc++. A llama-cpp-python build whose
+    compiler linked libstdc++ statically into each library and exported it (the H200 machine's CUDA
+    build) leaves several runtimes in a process, and which one a library binds to then depends on
+    import order: there llama.cpp's tokenizers crashed or failed ("mtmd could not tokenize the
+    prompt (error 2)") in some processes only. cmx warns about such a build when it loads."""
+    from cmx import _lib
+
+    assert _lib.private_cxx_runtime() is None

@@ -53,8 +53,11 @@ def test_round_trip_and_the_file_is_the_input_plus_keys(tiny_paths, profiled):
     _, src, prompts = tiny_paths
     out, summary = profiled
     p = read_profile(out, TINY.n_layer, TINY.n_ff)
-    # the tables written are the tables computed: profile again in process (deterministic)
-    model = cp.load_model(src)
+    # the tables written are the tables computed: profile again in process (deterministic), on the
+    # device the CLI chose (--device auto: a GPU when torch sees one; the CPU's rounding differs)
+    import torch
+
+    model = cp.load_model(src).to("cuda" if torch.cuda.is_available() else "cpu")
     builder = cp.PromptBuilder(src, None)
     calib = [builder.build(q) for q in PROMPTS[:-4]]
     held = [(builder.build(q), builder.build(q)) for q in PROMPTS[-4:]]

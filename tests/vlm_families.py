@@ -294,10 +294,12 @@ def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen,
     import llama_cpp
     from llama_cpp import mtmd_cpp as M
 
+    from devices import GPU, N_GPU_LAYERS  # cmx's device, the encoder's too (tests/devices.py)
+
     ref = llama_cpp.Llama(str(text_path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, n_threads=2,
-                          n_threads_batch=2)
+                          n_threads_batch=2, n_gpu_layers=N_GPU_LAYERS)
     params = M.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.warmup, params.n_threads = False, False, False, 2
+    params.use_gpu, params.print_timings, params.warmup, params.n_threads = GPU, False, False, 2
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the MTMD handler (Llama's default)
     ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), ref.model, params)
     assert ctx

@@ -6,7 +6,12 @@ Decode: tokens/s of 128 greedy tokens after a short prompt (EOG ignored: both de
 The engines alternate, repeat `--reps` times, and the median of each is reported with the ratio
 cmx / llama.cpp (target >= 0.95 on both).
 
-    python tools/bench_engine.py [--model PATH] [--threads 2] [--reps 5]
+    python tools/bench_engine.py [--model PATH] [--threads 2] [--reps 5] [--device auto|cpu]
+
+Both engines run on the same device: with --device auto (the default) cmx takes the GPU of the
+ggml that llama-cpp-python installed when it has one, and llama-cpp-python then offloads every
+layer (n_gpu_layers=-1); --device cpu keeps both on the CPU (on a CUDA build also hide the GPU,
+CUDA_VISIBLE_DEVICES=, or llama.cpp still sends large batches' matrix products to it).
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ def default_model() -> str:
 class CmxRunner:
     name = "cmx"
 
-    def __init__(self, path, threads, n_ctx):
-        self.m = cmx.Model(path, n_ctx=n_ctx, n_threads=threads, n_batch=512)
+    def __init__(self, path, threads, n_ctx, device):
+        self.m = cmx.Model(path, n_ctx=n_ctx, n_threads=threads, n_batch=512, device=device)
         self.e = self.m._engine
 
     def prefill(self, tokens):
@@ -63,9 +68,9 @@ class CmxRunner:
 class LlamaCppRunner:
     name = "llama.cpp"
 
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, gpu):
         self.m = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                 n_threads_batch=threads, verbose=False)
+                                 n_threads_batch=threads, n_gpu_layers=-1 if gpu else 0, verbose=False)
 
     def last_logits(self):
         # llama.cpp keeps the last row's logits in its context (Llama.scores is only filled with logits_all)
@@ -100,10 +105,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
+                    help="auto: the GPU when ggml has one, for both engines (default); cpu: both on the CPU")
     args = ap.parse_args()
     path = args.model or default_model()
 
-    runners = [CmxRunner(path, args.threads, 1024), LlamaCppRunner(path, args.threads, 1024)]
+    cmx_runner = CmxRunner(path, args.threads, 1024, args.device)
+    device = cmx_runner.m.info["device"]
+    runners = [cmx_runner, LlamaCppRunner(path, args.threads, 1024, gpu=device != "CPU")]
     prompt = runners[0].m.tokenize(TEXT * 40)[: args.n_prompt]
     assert len(prompt) == args.n_prompt
     short = prompt[:16]
@@ -126,7 +135,7 @@ def main() -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     info = runners[0].m.info
     print(f"model: {os.path.basename(path)} ({info['arch']}, {info['n_layer']} layers, ffn {info['ffn_type']}), "
-          f"threads: {args.threads}, reps: {args.reps}")
+          f"threads: {args.threads}, reps: {args.reps}, device: {device}")
     print()
     print(f"| engine | prefill tok/s ({args.n_prompt}-token prompt) | decode tok/s ({args.n_gen} tokens) |")
     print("|---|---|---|")

@@ -65,9 +65,9 @@ def object_patches(scene) -> np.ndarray:
 
 def answer_questions(task):
     """One worker: answer questions [start, stop) of the test split with every setting."""
-    texts, split, variant, start, stop, threads, max_tokens = task
+    texts, split, variant, start, stop, threads, max_tokens, device = task
     configs = {c: parse_config(c) for c in texts}
-    m = cmx.Model(n_ctx=2048, n_threads=threads)
+    m = cmx.Model(n_ctx=2048, n_threads=threads, device=device)
     out = []
     for i, seed in enumerate(scenes.split_seeds(split, stop)):  # the questions of eval_vqa.examples
         if i < start:
@@ -102,13 +102,15 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=["dense", "anchor", "paper"])
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--chunk", type=int, default=10, help="questions per task handed to a worker")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="cmx.Model's device (default auto)")
     ap.add_argument("--out", help="JSON with every answer")
     args = ap.parse_args()
 
     for c in args.configs:
         parse_config(c)  # fail before any work
     chunk = args.chunk
-    tasks = [(args.configs, args.split, args.variant, s, min(s + chunk, args.n), args.threads, args.max_tokens) for s in range(0, args.n, chunk)]
+    tasks = [(args.configs, args.split, args.variant, s, min(s + chunk, args.n), args.threads, args.max_tokens, args.device)
+             for s in range(0, args.n, chunk)]
     rows = {c: {"correct": 0, "kept": [], "object_recall": [], "prefill_ms": [], "answers": [], "by_type": {}}
             for c in args.configs}
     results = []
@@ -151,7 +153,7 @@ def main() -> int:
               f"{100 * statistics.mean(r['object_recall']):.0f}% | {statistics.median(r['prefill_ms']):.0f} | {by} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"n": n, "configs": args.configs, "rows": rows,
+            json.dump({"n": n, "configs": args.configs, "device": args.device, "rows": rows,
                        "questions": [[i, qtype] for i, qtype, _ in results]}, f, indent=1)
     return 0
 

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import sys
+import warnings
 
 import llama_cpp
 import llama_cpp.llama_cpp  # noqa: F401  (the ctypes module that dlopens libllama/libggml)
@@ -48,6 +49,42 @@ def route_logs() -> None:
     cb = _c_callback if core is not None else _log_callback
     llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def private_cxx_runtime() -> str | None:
+    """The file that libllama takes the C++ runtime from when that is not the shared libstdc++:
+    a build whose compiler linked libstdc++ statically into llama.cpp's libraries and exported it
+    (seen on the H200 machine, whose CUDA build put a copy in each of them). A process then holds
+    several runtimes, and which one a library binds to depends on the order the libraries were
+    loaded in: there, libllama's tokenizer crashed and mtmd's failed (error 2) in some processes
+    and not in others. None on a sound build (and off Linux, where this is not checked)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        addr = ctypes.cast(llama_cpp.llama_cpp._lib.__cxa_allocate_exception, ctypes.c_void_p).value  # dlsym: libllama, then its dependencies
+        info = _DlInfo()
+        if not addr or not ctypes.CDLL(None).dladdr(ctypes.c_void_p(addr), ctypes.byref(info)) or not info.dli_fname:
+            return None
+    except (AttributeError, OSError):
+        return None
+    path = os.fsdecode(info.dli_fname)
+    return None if os.path.basename(path).startswith("libstdc++") else path
+
+
+_private = private_cxx_runtime()
+if _private:
+    warnings.warn(
+        f"llama-cpp-python's libraries carry a C++ runtime of their own ({_private} exports one): "
+        "they and the rest of this process may mix runtimes, and llama.cpp's tokenizers then fail or crash "
+        "depending on import order. Rebuild llama-cpp-python with "
+        'CMAKE_ARGS="... -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" (tools/gpu_check.sh does) '
+        "or with a compiler that links libstdc++ as a shared library.",
+        RuntimeWarning, stacklevel=2)
 
 
 def ggml_log_level() -> int:

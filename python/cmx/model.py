@@ -115,6 +115,9 @@ class Model:
     sparsity: CoreMatching settings for every call (a cmx.Sparsity), or None for the dense engine
     (bit-identical to llama.cpp); chat and generate take a per-call sparsity= too. After each call
     `last_stats` says what happened (kept image tokens, core neurons, timings).
+    device: "auto" runs the model and the image encoder on the GPU of the ggml that llama-cpp-python
+    installed when it has one (Metal, CUDA...), else on the CPU; "cpu" on the CPU; "gpu" on the GPU
+    (ModelLoadError without one). `info["device"]` names the one in use.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class Model:
         sparsity: Sparsity | None = None,
         lora: str | os.PathLike | None = None,
         lora_scale: float = 1.0,
+        device: str = "auto",
     ):
         if path is None:
             path = default_text_model()
@@ -139,6 +143,8 @@ class Model:
         _positive_int("n_batch", n_batch)
         if n_threads is not None:
             _positive_int("n_threads", n_threads)
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         self.sparsity = _check_sparsity(sparsity)
         self.path = path
         if lora is not None and not os.path.exists(lora):
@@ -147,7 +153,10 @@ class Model:
             raise ValueError(f"lora_scale must be a number, got {lora_scale!r}")
         self.lora = os.fspath(lora) if lora is not None else None
         self._engine = Engine(path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads or 0,
-                              lora=self.lora or "", lora_scale=float(lora_scale))
+                              use_gpu=device != "cpu", lora=self.lora or "", lora_scale=float(lora_scale))
+        on_gpu = self._engine.info["device"] != "CPU"
+        if device == "gpu" and not on_gpu:
+            raise ModelLoadError("device='gpu' but the ggml that llama-cpp-python installed has no GPU backend")
         # a cmx-profile profile in the file: checked against the weights before any call uses it
         self.profile = read_profile(path, self._engine.info["n_layer"], self._engine.info["n_ff"])
         self._vocab = Vocab(path)
@@ -157,7 +166,8 @@ class Model:
             )
         self.mmproj = os.fspath(mmproj) if mmproj is not None else None
         self._vision = (
-            VisionEncoder(self.mmproj, self._vocab, self.info["n_embd"], self._engine.n_threads) if self.mmproj else None
+            VisionEncoder(self.mmproj, self._vocab, self.info["n_embd"], self._engine.n_threads, use_gpu=on_gpu)
+            if self.mmproj else None
         )
         self._template = ChatTemplate(
             self._vocab.chat_template, self._vocab.detokenize([self._vocab.bos]), self._vocab.detokenize([self._vocab.eos])

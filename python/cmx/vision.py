@@ -514,7 +514,7 @@ def inspect_mmproj(path: str) -> dict:
 class VisionEncoder:
     """An mmproj loaded by mtmd, bound to a text model's vocabulary. Owns the mtmd context."""
 
-    def __init__(self, mmproj_path: str, vocab, n_embd: int, n_threads: int = 0):
+    def __init__(self, mmproj_path: str, vocab, n_embd: int, n_threads: int = 0, use_gpu: bool = True):
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
@@ -531,7 +531,7 @@ class VisionEncoder:
         self.meta = meta
         self.n_encodes = 0  # how many images went through the encoder (tests assert cache reuse)
         params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu = True
+        params.use_gpu = use_gpu  # the text model's device (cmx.Model's device=)
         params.print_timings = False
         params.warmup = False
         params.n_threads = n_threads or os.cpu_count() or 1
