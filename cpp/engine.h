@@ -206,6 +206,7 @@ class Engine {
     CompactFfn compact_;
     ggml_backend_sched_t sched_ = nullptr;
     std::unique_ptr<Graph> graph_;
+    std::vector<uint8_t> graph_mem_;  // the graph's tensor and node metadata, reused by every graph
     std::vector<float> stat_thresholds_;  // the running prefill's per-layer tau (empty: sort)
     bool recording_ = false;
     std::vector<GraphDesc> recorded_;
