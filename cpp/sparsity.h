@@ -31,7 +31,7 @@ struct SparsityParams {
     int budget = 0;        // > 0: keep this many tokens per image instead of the elbow's count
     double min_keep = 0.0, max_keep = 1.0;  // bounds on the elbow's kept fraction
     std::vector<int> dense_layers;          // layers whose decode FFN stays dense
-    NeuronTokens neuron_tokens = NeuronTokens::all;
+    NeuronTokens neuron_tokens = NeuronTokens::text;  // cmx.Sparsity's default (docs/decisions.md)
     // From a profile stored in the model file (cmx.coreprofile), each empty when not used:
     std::vector<float> thresholds;                  // per layer: token-wise core neurons are a > tau (NaN: sort)
     std::vector<std::vector<int32_t>> neuron_order; // per layer: every neuron, by calibration frequency

@@ -11,8 +11,8 @@ compared on the same questions. Used to choose the defaults (docs/decisions.md).
 drawing) that the selection kept; random selection keeps the kept fraction of them.
 
 A setting is "dense" or comma-separated: anchor|paper, K=<prune layer>, min=<min_keep>,
-max=<max_keep>, budget=<tokens>, beta=<beta>, rho=<rho>, tokens-only, neurons-only, text (core
-neurons from the text tokens alone), and for
+max=<max_keep>, budget=<tokens>, beta=<beta>, rho=<rho>, tokens-only, neurons-only, text / all-tokens
+(core neurons from the text tokens alone / from every token), and for
 equal-budget comparisons random|divprune (with budget=, seed=).
 """
 
@@ -46,8 +46,8 @@ def parse_config(text: str):
             kw["neurons"] = False
         elif part == "neurons-only":
             kw["tokens"] = False
-        elif part == "text":
-            kw["neuron_tokens"] = "text"
+        elif part in ("text", "all-tokens"):  # the core neurons from the text rows / every row
+            kw["neuron_tokens"] = "text" if part == "text" else "all"
         else:
             key, value = part.split("=")
             name = {"K": "prune_layer", "min": "min_keep", "max": "max_keep", "budget": "budget", "beta": "beta", "rho": "rho",

@@ -34,9 +34,10 @@ class Sparsity:
                  the model file's profile, else 0.25 and 1.0; the floor of 0.25 is measured:
                  docs/decisions.md, "CoreMatching defaults")
     dense_layers layers whose decode FFN stays dense (None: the first and the last)
-    neuron_tokens which prompt tokens' activations choose the core neurons: 'all' (every token
-                 each layer holds, image tokens included) or 'text' (the text tokens alone: the
-                 answer is text; docs/decisions.md, "Core neurons from text tokens")
+    neuron_tokens which prompt tokens' activations choose the core neurons: 'text' (the text
+                 tokens alone: the answer is text) or 'all' (every token each layer holds, image
+                 tokens included, as the paper states it); docs/decisions.md, "Core neurons from
+                 the text tokens"
     select       which image tokens stay: 'corematching' (the scores above), or for comparisons at
                  an equal `budget`: 'fastv' (the most attended by the prompt's last token at layer
                  K), 'divprune' (the max-min cosine diversity subset of the image's embeddings),
@@ -59,7 +60,7 @@ class Sparsity:
     min_keep: float | None = None
     max_keep: float | None = None
     dense_layers: tuple[int, ...] | None = field(default=None)
-    neuron_tokens: str = "all"
+    neuron_tokens: str = "text"
     select: str = "corematching"
     seed: int = 0
     profile: bool = True
