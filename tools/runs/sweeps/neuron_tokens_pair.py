@@ -1,13 +1,19 @@
-"""Paired comparison: the test sweep (text) against bench_corematching's (a) rows (all), same questions."""
-import json, math, sys
-sys.path.insert(0, "/work/main/python")
+"""Paired comparison: the test sweep (text) against bench_corematching's (a) rows (all), same questions,
+scored as the benchmark scores (scenes.answer_matches).
+
+    python tools/runs/sweeps/neuron_tokens_pair.py tools/runs/sweeps/neuron_tokens_test300.json
+"""
+import json, math, os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "python"))
 from cmx import scenes
-b = json.load(open("/work/main/tools/runs/bench_corematching/bench.json"))["a"]["rows"]
+b = json.load(open(os.path.join(os.path.dirname(__file__), "..", "bench_corematching", "bench.json")))["a"]["rows"]
 path = sys.argv[1]
 sw = json.load(open(path))
-rows = sw if isinstance(sw, list) else sw.get("rows_raw") or sw.get("results")
-if isinstance(sw, dict):
-    print(list(sw.keys()))
+if isinstance(sw, list):  # a .partial file: (index, qtype, {config: {...}})
+    rows = sw
+else:  # the finished JSON: answers per config, in the order of "questions"
+    rows = [(i, qt, {c: {"answer": sw["rows"][c]["answers"][j]} for c in sw["configs"]})
+            for j, (i, qt) in enumerate(sw["questions"])]
 def ok(ans, ref): return scenes.answer_matches(ans, ref)
 def sign_p(a, b):  # two-sided exact sign test
     n = a + b; k = min(a, b)
