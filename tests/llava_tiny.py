@@ -98,6 +98,15 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval().to(torch.float32)
+    randomize(model, seed)
+    return model
+
+
+def randomize(model, seed: int) -> None:
+    """Weights drawn so that every part matters: norms around 1, biases and the class embedding
+    small, rows of unit-variance outputs (also used by vlm_families' other families)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -113,7 +122,6 @@ def build_tiny_llava(
             else:
                 fan_in = int(np.prod(p.shape[1:]))
                 p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
-    return model
 
 
 def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "clip-vision", extra_keys=(), extra_tensors=()) -> str:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import base64
-import ctypes
 
 import gguf
 import numpy as np
@@ -22,6 +21,7 @@ import cmx
 import llama_cpp
 import llava_tiny as lt
 import tiny_models
+import vlm_families as vf
 from devices import GPU, N_GPU_LAYERS
 from cmx.images import load_image
 from cmx.vision import VisionModelError, inspect_mmproj
@@ -119,56 +119,9 @@ def user_turn(image_path):
 
 def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_path, n_gen):
     """llama-cpp-python's logits of every text position (None for image rows), the prompt split
-    and evaluated by mtmd as its MTMD chat handler does (encoder without flash attention, the
-    handler's setting for its Llama's default flash_attn=False), and its greedy continuation
-    (token ids, up to n_gen, stopping at end of generation)."""
-    from llama_cpp import mtmd_cpp as M
-
-    ref = llama_cpp.Llama(text_path, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2, n_threads_batch=2,
-                          n_gpu_layers=N_GPU_LAYERS)  # cmx's device, the encoder's too (tests/devices.py)
-    params = M.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.warmup, params.n_threads = GPU, False, False, 2
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = M.mtmd_init_from_file(mmproj_path.encode(), ref.model, params)
-    assert ctx, "llama-cpp-python's mtmd refused the pair"
-    data = open(image_path, "rb").read()
-    bmp = M.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer_copy(data), len(data), False)
-    chunks = M.mtmd_input_chunks_init()
-    try:
-        raw = prompt_text.encode()
-        inp = M.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
-        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-        logits = []
-        for i in range(M.mtmd_input_chunks_size(chunks)):
-            chunk = M.mtmd_input_chunks_get(chunks, i)
-            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                toks = [ptr[j] for j in range(n.value)]
-                start = ref.n_tokens
-                ref.eval(toks)
-                logits.extend(np.array(ref.scores[start : start + len(toks)]))
-            else:
-                new_n_past = llama_cpp.llama_pos(0)
-                rc = M.mtmd_helper_eval_chunk_single(ctx, ref._ctx.ctx, chunk, ref.n_tokens, 0, 512, False, ctypes.byref(new_n_past))
-                assert rc == 0
-                logits.extend([None] * (new_n_past.value - ref.n_tokens))
-                ref.n_tokens = new_n_past.value
-        vocab = llama_cpp.llama_model_get_vocab(ref.model)
-        last, out = logits[-1], []
-        for _ in range(n_gen):
-            tok = int(np.argmax(last))
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                break
-            out.append(tok)
-            ref.eval([tok])
-            last = np.array(ref.scores[ref.n_tokens - 1])
-        return logits, out, ref.detokenize(out)
-    finally:
-        M.mtmd_input_chunks_free(chunks)
-        M.mtmd_bitmap_free(bmp)
-        M.mtmd_free(ctx)
-        ref.close()
+    and evaluated by mtmd as its MTMD chat handler does, and its greedy continuation (token ids,
+    up to n_gen, stopping at end of generation) with its bytes."""
+    return vf.llama_cpp_reference(text_path, mmproj_path, prompt_text, [image_path], n_gen, n_ctx=2048, with_text=True)
 
 
 def llama_cpp_answer(text_path, mmproj_path, image_path, max_tokens):

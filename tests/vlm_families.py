@@ -42,27 +42,6 @@ import llava_tiny as lt
 # ---------------------------------------------------------------------------------------------
 
 
-def _randomize(model, seed: int) -> None:
-    """Weights drawn so that every part matters (as llava_tiny.build_tiny_llava)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                if ("norm" in name and name.endswith("weight")) or name.endswith("layrnorm.weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "position_embedding" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
-
-
 def _f32(t) -> np.ndarray:
     import torch
 
@@ -126,7 +105,7 @@ def build_tiny_idefics3(vocab_size: int, *, seed: int = 0, vision_hidden: int = 
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(cfg).eval().to(torch.float32)
-    _randomize(model, seed)
+    lt.randomize(model, seed)
     return model
 
 
@@ -285,10 +264,11 @@ def gguf_layout(path) -> dict:
     return {"keys": keys, "tensors": [[t.name, t.tensor_type.name, [int(s) for s in t.shape]] for t in r.tensors]}
 
 
-def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096):
+def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096, with_text=False):
     """llama-cpp-python evaluating mtmd's chunks the way its MTMD chat handler does (image files
     decoded by mtmd's helper, each chunk at the positions mtmd assigns); returns the logits of
-    every row (None for image rows) and its greedy continuation."""
+    every row (None for image rows) and its greedy continuation (token ids, stopping at end of
+    generation), and with `with_text` also the continuation's bytes."""
     import ctypes
 
     import llama_cpp
@@ -337,9 +317,10 @@ def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen,
         out.append(tok)
         ref.eval([tok])
         last = np.array(ref.scores[ref.n_tokens - 1])
+    text = ref.detokenize(out) if with_text else None
     M.mtmd_input_chunks_free(chunks)
     for bmp in bitmaps:
         M.mtmd_bitmap_free(bmp)
     M.mtmd_free(ctx)
     ref.close()
-    return logits, out
+    return (logits, out, text) if with_text else (logits, out)
