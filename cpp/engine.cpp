@@ -282,7 +282,6 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     // core neurons of every token layer K holds). FastV: the attention the batch's last row pays
     // it, averaged over heads; layer K's cache held `base` rows before this batch.
     const bool fastv = sp->score == TokenScore::fastv;
-    std::vector<int32_t> kept_rows;  // batch rows that go on past layer K
     ChooseKeep choose = [&](const StageOut &a) {
         auto t0 = std::chrono::steady_clock::now();
         std::vector<uint8_t> ref;  // the neuron set image tokens are matched against
@@ -331,7 +330,6 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
             choice.merged.push_back(std::move(group));
         }
         res.select_ms += ms_since(t0);
-        kept_rows = choice.rows;
         return choice;
     };
     res.logits = forward(run, prune ? K : -1, prune ? choose : ChooseKeep(), false, act_use, sp->rho, false, &res.stats_ms,
@@ -343,7 +341,9 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
             res.kept.push_back(std::move(all));
         }
 
-    if (sp->neurons && sp->neuron_tokens == NeuronTokens::text) forget_image_stats(batch, images, prune ? K : -1, kept_rows);
+    // Under the text rule the graph took no statistics of image rows, except at layer K for the
+    // paper score, which needed them all: they stop counting now.
+    if (text_stats && (act_use[K] & kActStats) && !(act_use[K] & kActTextStats)) forget_image_stats(batch, images, K);
 
     // Core neurons of every sparse layer, from the tokens that layer holds.
     auto t0 = std::chrono::steady_clock::now();
@@ -617,20 +617,11 @@ std::vector<StatsOp> Engine::stats_ops(double rho) const {
     return ops;
 }
 
-void Engine::forget_image_stats(const Batch &batch, const std::vector<ImageSpan> &images, int pruned_after,
-                                const std::vector<int32_t> &kept_rows) {
-    std::vector<uint8_t> image_row(batch.tokens.size(), 0);
+void Engine::forget_image_stats(const Batch &batch, const std::vector<ImageSpan> &images, int il) {
+    LayerCache &lc = cache_->layers[il];
+    const size_t base = lc.stats.size() - batch.tokens.size();  // the batch's rows are the layer's last ones
     for (const ImageSpan &im : images)
-        for (int32_t j = 0; j < im.n_rows; ++j) image_row[im.row(j)] = 1;
-    for (int il = 0; il < model_->hp.n_layer; ++il) {
-        LayerCache &lc = cache_->layers[il];
-        // this batch's rows are the layer's last ones: all of them, or past layer K the kept ones
-        const bool all_rows = pruned_after < 0 || il <= pruned_after;
-        const size_t n_added = all_rows ? batch.tokens.size() : kept_rows.size();
-        const size_t base = lc.stats.size() - n_added;
-        for (size_t i = 0; i < n_added; ++i)
-            if (image_row[all_rows ? i : (size_t)kept_rows[i]] && lc.stats.n_active[base + i] >= 0) lc.stats.forget(base + i);
-    }
+        for (int32_t j = 0; j < im.n_rows; ++j) lc.stats.forget(base + im.row(j));
 }
 
 std::vector<int32_t> Engine::layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const {

@@ -191,10 +191,9 @@ class Engine {
     // A sparse layer's C^beta after a prefill: from its statistics, or the stored table when the
     // layer holds fewer than sp.short_prompt_tokens tokens with statistics.
     std::vector<int32_t> layer_core_neurons(const SparsityParams &sp, int il, PrefillResult &res) const;
-    // NeuronTokens::text: the image rows this prefill added to each layer stop counting towards
-    // its core neurons (past layer `pruned_after` a layer added only `kept_rows`).
-    void forget_image_stats(const Batch &batch, const std::vector<ImageSpan> &images, int pruned_after,
-                            const std::vector<int32_t> &kept_rows);
+    // The image rows this prefill added to layer il (which held every row of the batch) stop
+    // counting towards its core neurons.
+    void forget_image_stats(const Batch &batch, const std::vector<ImageSpan> &images, int il);
     void validate_sparsity(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams &sp) const;
     std::vector<int64_t> graph_key(const Batch &batch, size_t begin, size_t end, int layer_begin, int layer_end,
                                    const std::vector<uint8_t> &act_use, const std::vector<StatsOp> &ops, bool use_compact,
