@@ -116,6 +116,32 @@ def test_text_gguf_metadata(tok, f32_export):
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= names
 
 
+def test_byte_level_tokenizer_flagged_byte_fallback_stays_gpt2(tiny, tok, tmp_path):
+    """transformers 5.17 builds SmolLM2's byte-level BPE from its GGUF with byte_fallback set (and a
+    sentencepiece-style decoder) but no <0xNN> tokens. Written as llama.cpp's "llama" tokenizer it
+    failed on the first newline (mtmd: unordered_map::at); it must stay "gpt2" and tokenize alike."""
+    import json as _json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tj = _json.loads(tok.backend_tokenizer.to_str())
+    tj["model"]["byte_fallback"] = True
+    flagged = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_json.dumps(tj)),
+                                      eos_token=tok.eos_token, bos_token=tok.bos_token)
+    flagged.chat_template = tok.chat_template
+    paths = export_llava(tiny, tmp_path, tokenizer=flagged, mmproj=False, text_type="f32", name="flagged")
+    r = gguf.GGUFReader(str(paths["text"]))
+    assert _reader_value(r, "tokenizer.ggml.model") == "gpt2"
+    text = "A line\nand another\n\nend"
+    ids = tok(text).input_ids
+    llm = llama_cpp.Llama(str(paths["text"]), vocab_only=True, verbose=False)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("outtype,tol", [("f16", 0.05), ("q8_0", 0.15)])
 def test_text_gguf_quantized(tiny, tok, tmp_path, outtype, tol):
     paths = export_llava(tiny, tmp_path, tokenizer=tok, mmproj=False, text_type=outtype, name="tiny")

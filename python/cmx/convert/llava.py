@@ -246,7 +246,11 @@ def _write_tokenizer(
             f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}"
         )
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    byte_fallback = bool(model.get("byte_fallback", False))
+    # A sentencepiece-style BPE (llama.cpp's "llama" tokenizer) falls back to the 256 byte tokens
+    # <0x00>..<0xFF>. The flag alone is not enough: some transformers versions set byte_fallback
+    # on the byte-level BPE they build from a GGUF (SmolLM2's, under 5.17), whose vocabulary has
+    # no such tokens; written as "llama", llama.cpp would then fail on the first newline.
+    byte_fallback = bool(model.get("byte_fallback", False)) and all(f"<0x{b:02X}>" in vocab for b in range(256))
 
     tokens: list[str] = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
