@@ -223,8 +223,10 @@ class SceneDataset(torch.utils.data.Dataset):
     K distinct questions about the same image (every type once, in random order, then random
     ones), used as a multi-turn conversation as in LLaVA-1.5's instruction data."""
 
-    def __init__(self, seeds, qtypes=None, with_labels=True, questions_per_image=1, focus_types=()):
+    def __init__(self, seeds, qtypes=None, with_labels=True, questions_per_image=1, focus_types=(),
+                 pair_frac=0.0):
         self.focus_types = tuple(focus_types)
+        self.pair_frac = pair_frac  # share of images drawn from the 2-3 object "pair" variant
         self.seeds = seeds
         self.qtypes = qtypes
         self.with_labels = with_labels
@@ -236,7 +238,8 @@ class SceneDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         qt = self.qtypes[i] if self.qtypes is not None else None
         seed = self.seeds[i]
-        scene, q, a, qtype = scenes.make_example_full(seed, qt)
+        pair = self.pair_frac > 0 and np.random.default_rng([seed, 91]).random() < self.pair_frac
+        scene, q, a, qtype = scenes.make_example_full(seed, qt, "pair" if pair else "standard")
         qs, ans, qts = [q], [a], [qtype]
         if self.k > 1:
             rng = np.random.default_rng([seed, 77])
@@ -603,6 +606,8 @@ def main(argv=None):
     ap.add_argument("--questions-per-image", type=int, default=8, help="training conversation turns per image")
     ap.add_argument("--focus-types", default="", help="comma-separated question types that the turns after "
                     "one of each type ask (default: random types)")
+    ap.add_argument("--pair-scenes", type=float, default=0.0, help="share of training images with only 2-3 objects "
+                    "(scenes variant 'pair': a relation between two objects without distractors)")
     ap.add_argument("--init-from", default=None, help="start the vision side from a checkpoint (run folder or safetensors)")
     ap.add_argument("--init-mmproj", default=None, help="start the vision side from an mmproj GGUF (e.g. the shipped demo one)")
     ap.add_argument("--resume", default=None, help="run folder: vision side, LoRA and aux heads from its checkpoint; step count continues")
@@ -663,11 +668,14 @@ def main(argv=None):
                 log(f"aux heads new in this run: {sorted(set(k.split('.')[0] for k in missing))}")
         own = lora_state(wrapped)
         lsd = {k: v for k, v in sd.items() if ".lora_" in k}
-        if set(lsd) != set(own):
-            raise SystemExit(f"--resume: LoRA keys differ ({len(lsd)} in the checkpoint, {len(own)} here)")
+        if not set(lsd) <= set(own):
+            raise SystemExit(f"--resume: the checkpoint adapts modules this run does not "
+                             f"({len(set(lsd) - set(own))} LoRA tensors; --lora-targets must include them)")
         with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(lsd[k].to(p.dtype))
+            for k, v in lsd.items():
+                own[k].copy_(v.to(own[k].dtype))
+        if set(own) - set(lsd):  # modules adapted from this run on start as a zero update (B = 0)
+            log(f"LoRA modules new in this run: {len(set(own) - set(lsd)) // 2}")
         prev = json.loads((Path(args.resume) / "record.json").read_text()) if (Path(args.resume) / "record.json").exists() else {}
         steps_before = int(prev.get("steps_total", prev.get("steps_done", 0)))
         examples_before = int(prev.get("examples_total", steps_before * prev.get("batch_size", args.batch_size)))
@@ -717,7 +725,8 @@ def main(argv=None):
     offset = args.data_offset if args.data_offset >= 0 else examples_before
     train_ds = SceneDataset(scenes.split_seeds("train", max_examples, start=args.seed * 100_000_000 + offset),
                             questions_per_image=args.questions_per_image,
-                            focus_types=[t for t in args.focus_types.split(",") if t])
+                            focus_types=[t for t in args.focus_types.split(",") if t],
+                            pair_frac=args.pair_scenes)
     dl_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
     if args.workers > 0:
         dl_kw.update(prefetch_factor=4, persistent_workers=False)

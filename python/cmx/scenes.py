@@ -213,6 +213,7 @@ VARIANTS = {
     "standard": (1, 8, MIN_RADIUS, MAX_RADIUS),
     "crowded": (9, 16, 9, 22),
     "small": (1, 8, 6, 12),
+    "pair": (2, 3, MIN_RADIUS, MAX_RADIUS),  # training only: relations without distractors
 }
 
 
