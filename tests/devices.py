@@ -13,3 +13,15 @@ import llama_cpp
 
 GPU = bool(llama_cpp.llama_supports_gpu_offload())
 N_GPU_LAYERS = -1 if GPU else 0  # llama_cpp.Llama(n_gpu_layers=...) of a reference
+
+
+def bound(cpu: float, gpu: float) -> float:
+    """A comparison's bound on this device.
+
+    On the CPU, ggml computes a row the same way whatever batch it is in, so two graphs that batch
+    the same rows differently (cmx and llama.cpp, or cmx pruned and dense) agree to float rounding.
+    A GPU backend picks its matrix-product kernels by batch shape, and they round differently: on
+    an H200 (CUDA), f32 tiny models, max |logit diff| 0.0090-0.0100 between cmx and llama-cpp-python
+    on image prompts and 0.0005-0.0015 between two batchings in cmx (logits of magnitude ~1-3;
+    tools/runs/gpu_check/session9/). `gpu` is each such measurement with about 2x headroom."""
+    return gpu if GPU else cpu

@@ -8,7 +8,7 @@ from PIL import Image
 import cmx
 import llava_tiny as lt
 from cmx import _core
-from devices import GPU
+from devices import GPU, bound
 from cmx._core import Engine
 from cmx.chat import flatten_messages
 
@@ -245,7 +245,7 @@ def test_pruned_multiturn_equals_a_fresh_prompt(tiny_llava):
     anchor = len(items) - m._anchor_offset(flatten_messages(messages, m.vision.marker)[0])
     r = fresh._engine.prefill(rows, np.arange(len(rows), dtype=np.int32), i32([len(rows) - 1]), embd,
                               images=[(first, 576, kept)], anchor_row=anchor, sparsity=sp.to_core(m.info["n_layer"]))
-    assert np.abs(r["logits"][-1] - logits_turn2).max() < 1e-4
+    assert np.abs(r["logits"][-1] - logits_turn2).max() < bound(1e-4, 2e-3)
     assert fresh._engine.ffn_neurons() == m._engine.ffn_neurons()
     for layer in range(m.info["n_layer"]):
         assert fresh._engine.cache_positions(layer) == m._engine.cache_positions(layer)

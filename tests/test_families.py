@@ -18,6 +18,7 @@ import pytest
 import cmx
 import llava_tiny as lt
 import vlm_families as vf
+from devices import bound
 from cmx.images import load_image
 
 FAMILIES = list(vf.FAMILIES)
@@ -25,8 +26,8 @@ FAMILIES = list(vf.FAMILIES)
 IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64]}
 # image chunks per image
 IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1]}
-# the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF)
-MAX_ABS_DIFF = 1e-4
+# the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF); a GPU's (tests/devices.py)
+MAX_ABS_DIFF = bound(1e-4, 2e-2)
 QUESTION = "What is in the picture?"
 DATA = Path(__file__).parent / "data" / "families"
 
@@ -237,7 +238,7 @@ def test_sparse_with_everything_kept_equals_dense(family_pair, family):
     m = model(pair)
     full = cmx.Sparsity(tokens=False, rho=1.0, beta=1.0, dense_layers=())
     logits = m._prefill_chat(messages, full)
-    assert np.abs(logits - ref_logits).max() < 1e-5
+    assert np.abs(logits - ref_logits).max() < bound(1e-5, 3e-3)
     m.reset()
     assert m.chat(messages, max_tokens=12, sparsity=full) == ref
     assert m.last_stats["core_neurons"] == [m.info["n_ff"]] * m.info["n_layer"]

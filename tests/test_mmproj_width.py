@@ -22,7 +22,7 @@ import llama_cpp
 import llava_tiny as lt
 import tiny_models
 import vlm_families as vf
-from devices import GPU, N_GPU_LAYERS
+from devices import GPU, N_GPU_LAYERS, bound
 from cmx.images import load_image
 from cmx.vision import VisionModelError, inspect_mmproj
 
@@ -200,7 +200,8 @@ def test_both_kinds_match_llama_cpp(files, kind):
     text_rows = [i for i, r in enumerate(rows) if r >= 0]
     assert len(rows) == len(ref) and len(text_rows) == sum(x is not None for x in ref)
     a, b = ours[text_rows], np.stack([ref[i] for i in text_rows])
-    assert np.abs(a - b).max() <= 1e-4  # the same ggml kernels and image embeddings: equal in practice
+    # the same ggml kernels and image embeddings: equal in practice on the CPU (tests/devices.py)
+    assert np.abs(a - b).max() <= bound(1e-4, 2e-2)
     assert (a.argmax(1) == b.argmax(1)).all()
 
     # greedy answers: cmx's, and stock llama-cpp-python's through its MTMD chat handler, are the
