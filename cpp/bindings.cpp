@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "engine.h"
+#include "quant_rows.h"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -166,6 +167,38 @@ PYBIND11_MODULE(_core, mod) {
     // The selection rules on their own, for tests against cmx.reference.
     mod.def("select_tokens", &select_tokens, py::arg("scores"), py::arg("budget") = 0, py::arg("min_keep") = 0.0,
             py::arg("max_keep") = 1.0, "Kept indices (ascending) of one image's scores: a budget, or the clamped elbow.");
+    // The compact copies' row codecs, for tests against ggml's reference (gguf-py's numpy copy).
+    auto type_named = [](const std::string &name, int64_t n) {
+        for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+            const char *tn = ggml_type_name((ggml_type)t);
+            if (tn && name == tn && ggml_get_type_traits((ggml_type)t)->blck_size > 0) {
+                if (n % ggml_blck_size((ggml_type)t) != 0)
+                    throw std::invalid_argument("a row of " + name + " holds a multiple of " + std::to_string(ggml_blck_size((ggml_type)t)) + " values");
+                return (ggml_type)t;
+            }
+        }
+        throw std::invalid_argument("unknown ggml type " + name);
+    };
+    mod.def(
+        "quantize_row",
+        [type_named](const std::string &type, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+            const ggml_type t = type_named(type, x.size());
+            std::string out(ggml_row_size(t, x.size()), '\0');
+            quantize_row(t, x.data(), out.data(), x.size());
+            return py::bytes(out);
+        },
+        py::arg("type"), py::arg("values"), "A row of ggml type `type` (e.g. 'q4_0') from float32 values.");
+    mod.def(
+        "dequantize_row",
+        [type_named](const std::string &type, const py::bytes &row, int64_t n) {
+            const ggml_type t = type_named(type, n);
+            const std::string_view bytes(row);
+            if (n < 0 || bytes.size() != ggml_row_size(t, n)) throw std::invalid_argument("the row's size does not match n");
+            py::array_t<float> out(n);
+            dequantize_row(t, bytes.data(), out.mutable_data(), n);
+            return out;
+        },
+        py::arg("type"), py::arg("row"), py::arg("n"), "The n float32 values of a row of ggml type `type`.");
     mod.def("elbow_count", &elbow_count, py::arg("sorted_desc"), "Tokens the elbow keeps, from scores sorted descending.");
     mod.def(
         "core_neurons",

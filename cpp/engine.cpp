@@ -247,7 +247,7 @@ PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &
     PrefillResult res;
     stat_thresholds_.clear();
     if (!sp) {  // the dense engine: also forgets earlier core neurons
-        if (!compact_.empty()) compact_.clear();
+        compact_.release();
         res.logits = forward(batch, -1, nullptr, false, std::vector<uint8_t>(hp.n_layer, 0), 0.0, false, nullptr);
         return res;
     }

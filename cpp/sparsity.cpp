@@ -13,7 +13,7 @@
 #include <thread>
 
 #include "ggml-alloc.h"
-#include "ggml-cpu.h"
+#include "quant_rows.h"
 
 namespace cmx {
 
@@ -49,13 +49,6 @@ std::vector<int32_t> most_frequent(const std::vector<int64_t> &freq, int64_t n_c
     idx.resize(n_core);
     std::sort(idx.begin(), idx.end());
     return idx;
-}
-// The CPU backend's row quantizer for `type` (vectorized for Q8_0: ~14x ggml_quantize_chunk's
-// reference code), or null where it has none (then ggml_quantize_chunk).
-ggml_from_float_t fast_row_quantizer(ggml_type type) {
-    if (type == GGML_TYPE_F32) return nullptr;
-    const auto *cpu = ggml_get_type_traits_cpu(type);
-    return cpu ? cpu->from_float : nullptr;
 }
 }  // namespace
 
@@ -273,12 +266,16 @@ int64_t count_active_in(const float *acts, const std::vector<uint8_t> &mask) {
 // ---------------------------------------------------------------- compact FFN weights
 
 void CompactFfn::clear() {
-    for (auto b : buffers_) ggml_backend_buffer_free(b);
-    buffers_.clear();
     if (ctx_) ggml_free(ctx_);
     ctx_ = nullptr;
     layers_.clear();
     ++version_;
+}
+
+void CompactFfn::release() {
+    clear();
+    for (auto b : buffers_) ggml_backend_buffer_free(b);
+    buffers_.clear();
 }
 
 size_t CompactFfn::bytes() const {
@@ -312,7 +309,7 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
     std::vector<int> sparse;
     for (size_t il = 0; il < neurons.size(); ++il)
         if (!neurons[il].empty() && (int64_t)neurons[il].size() < hp.n_ff) sparse.push_back((int)il);
-    if (sparse.empty()) return;
+    if (sparse.empty()) return release();
 
     ggml_init_params ip = {ggml_tensor_overhead() * 3 * sparse.size() + 1024, nullptr, true};
     ctx_ = ggml_init(ip);
@@ -338,12 +335,25 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
         place(c.up);
         place(c.down);
     }
+    std::vector<ggml_backend_buffer_t> previous;  // the last build's buffers: reused where they fit
+    previous.swap(buffers_);
     for (auto &[buft, tensors] : by_type) {
         size_t align = ggml_backend_buft_get_alignment(buft), total = 0;
         for (ggml_tensor *t : tensors) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
-        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, total);
+        auto fits = std::find_if(previous.begin(), previous.end(), [&](ggml_backend_buffer_t b) {
+            return ggml_backend_buffer_get_type(b) == buft && ggml_backend_buffer_get_size(b) >= total &&
+                   ggml_backend_buffer_get_size(b) <= 2 * total;  // do not pin much more than this build needs
+        });
+        ggml_backend_buffer_t buf = nullptr;
+        if (fits != previous.end()) {
+            buf = *fits;
+            previous.erase(fits);
+        } else {
+            buf = ggml_backend_buft_alloc_buffer(buft, total);
+        }
         if (!buf) {
-            clear();
+            for (auto b : previous) ggml_backend_buffer_free(b);
+            release();
             throw std::runtime_error("out of memory allocating " + std::to_string(total) + " bytes of core-neuron weights");
         }
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
@@ -351,10 +361,12 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
         ggml_tallocr talloc = ggml_tallocr_new(buf);
         for (ggml_tensor *t : tensors)
             if (ggml_tallocr_alloc(&talloc, t) != GGML_STATUS_SUCCESS) {
-                clear();
+                for (auto b : previous) ggml_backend_buffer_free(b);
+                release();
                 throw std::runtime_error("cannot allocate core-neuron weights");
             }
     }
+    for (auto b : previous) ggml_backend_buffer_free(b);  // what this build could not use
 
     // Fill them: a layer per task (the source bytes are the file's, never a repacked copy).
     parallel_for((int64_t)sparse.size(), n_threads, [&](int64_t si) {
@@ -378,22 +390,13 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
         const ggml_type type = w.ffn_down->type;
         const size_t src_row = ggml_row_size(type, hp.n_ff), dst_row = ggml_row_size(type, k);
         const uint8_t *base = model.file_bytes(w.ffn_down);
-        const auto *traits = ggml_get_type_traits(type);
-        const ggml_from_float_t quantize_row = fast_row_quantizer(type);
         full.resize(hp.n_ff);
         gathered.resize(k);
         bytes.resize(dst_row * hp.n_embd);
         for (int64_t e = 0; e < hp.n_embd; ++e) {
-            const uint8_t *src = base + src_row * e;
-            const float *f = (const float *)src;
-            if (type != GGML_TYPE_F32) {
-                traits->to_float(src, full.data(), hp.n_ff);
-                f = full.data();
-            }
-            for (int64_t i = 0; i < k; ++i) gathered[i] = f[rows[i]];
-            uint8_t *dst = bytes.data() + dst_row * e;
-            if (quantize_row) quantize_row(gathered.data(), dst, k);
-            else ggml_quantize_chunk(type, gathered.data(), dst, 0, 1, k, nullptr);
+            dequantize_row(type, base + src_row * e, full.data(), hp.n_ff);
+            for (int64_t i = 0; i < k; ++i) gathered[i] = full[rows[i]];
+            quantize_row(type, gathered.data(), bytes.data() + dst_row * e, k);
         }
         ggml_backend_tensor_set(c.down, bytes.data(), 0, dst_row * hp.n_embd);
     });

@@ -123,13 +123,17 @@ class CompactFfn {
     };
 
     CompactFfn() = default;
-    ~CompactFfn() { clear(); }
+    ~CompactFfn() { release(); }
     CompactFfn(const CompactFfn &) = delete;
     CompactFfn &operator=(const CompactFfn &) = delete;
 
     // neurons[il] empty or all of n_ff: layer il stays dense.
     void build(const Model &model, const std::vector<std::vector<int32_t>> &neurons, int n_threads);
+    // Forget the copies, keeping their memory for the next build: the next answer's copies are
+    // written into pages already mapped (fresh pages cost the kernel's zeroing, ~40% of a build).
     void clear();
+    // Forget the copies and free their memory.
+    void release();
     const Layer *layer(int il) const { return il < (int)layers_.size() && layers_[il].gate ? &layers_[il] : nullptr; }
     bool empty() const { return ctx_ == nullptr; }
     int64_t version() const { return version_; }
