@@ -14,6 +14,7 @@ letter, tie-breaking included, and favours plain code over speed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -403,9 +404,9 @@ class CoreMatchingReference:
             h,
             attention_mask=_causal_mask(h.shape[1], self._kv.length(layer_idx), h.dtype),
             position_ids=position_ids,
-            cache=self._kv,
             use_cache=True,
             position_embeddings=self.decoder.rotary_emb(h, position_ids=position_ids),
+            **{_cache_kwarg(layer): self._kv},
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -482,6 +483,13 @@ class CoreMatchingReference:
             taken[first : first + n] = True
             image_rows.append(np.arange(first, first + n))
         return image_rows
+
+
+def _cache_kwarg(layer) -> str:
+    """The decoder layer's name for its KV cache argument: `cache` since transformers 5.2x,
+    `past_key_values` before (an unknown keyword would be swallowed by **kwargs: no cache at all)."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _causal_mask(n_query: int, n_past: int, dtype):
