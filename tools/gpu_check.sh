@@ -11,6 +11,9 @@
 #   options: --site DIR (install target, default /tmp/cmx-gpu-site) --out DIR (logs, default ./gpu-check)
 #            --jobs N (test files run at once, default 4) --timeout S (per test file, default 600)
 #            --build-only (stop after the build and the install) --installed (SITE holds both already: test only)
+#            --cxx PATH (C++ compiler of the build, also CUDA's host compiler; default /usr/bin/g++ where it
+#            exists, its gcc as the C compiler: a machine's CC/CXX/CUDAHOSTCXX may name a toolchain that links
+#            its C++ runtime statically into each library, as the H200 machine's /opt/gcc does)
 #            -- PYTEST_ARGS (passed to every pytest)
 #
 # 1. Build llama-cpp-python 0.3.36 from its source with
@@ -33,6 +36,7 @@
 # the output. Exit status 0 when every file passed.
 set -u -o pipefail
 ARCH=90 SITE=/tmp/cmx-gpu-site OUT=./gpu-check JOBS=4 TIMEOUT=600 SDIST= WHEEL= BUILD_ONLY=0 INSTALLED=0 PYTEST_ARGS=()
+CXX_BUILD=$([ -x /usr/bin/g++ ] && echo /usr/bin/g++ || echo "${CXX:-c++}")
 while [ $# -gt 0 ]; do
   case "$1" in
     --sdist) SDIST=$2; shift 2 ;;
@@ -44,6 +48,7 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=$2; shift 2 ;;
     --build-only) BUILD_ONLY=1; shift ;;
     --installed) INSTALLED=1; shift ;;
+    --cxx) CXX_BUILD=$2; shift 2 ;;
     --) shift; PYTEST_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
@@ -51,6 +56,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$SDIST$WHEEL" ] || [ "$INSTALLED" = 1 ] || { echo "gpu_check: give --sdist, --wheel or --installed" >&2; exit 2; }
 PY=${PYTHON:-python3}
+CC_BUILD=$(dirname "$CXX_BUILD")/$(basename "$CXX_BUILD" | sed 's/g++/gcc/; s/clang++/clang/; s/^c++$/cc/')
 mkdir -p "$OUT" "$SITE" || exit 1
 OUT=$(cd "$OUT" && pwd) SITE=$(cd "$SITE" && pwd)
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -59,6 +65,8 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$INSTALLED" = 0 ] && [ -z "$WHEEL" ]; then
   echo "gpu_check: building llama-cpp-python from $SDIST (log: $OUT/build.log)"
   t0=$(date +%s)
+  echo "gpu_check: compilers $CC_BUILD / $CXX_BUILD (CUDA host compiler $CXX_BUILD)"
+  CC=$CC_BUILD CXX=$CXX_BUILD CUDAHOSTCXX=$CXX_BUILD \
   CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     $PY -m pip wheel --no-build-isolation --no-deps --no-cache-dir -w "$OUT/wheel" "$SDIST" > "$OUT/build.log" 2>&1 \
@@ -73,7 +81,8 @@ if [ "$INSTALLED" = 0 ]; then
   if nm -D --defined-only "$SITE/llama_cpp/lib/libggml-base.so" 2>/dev/null | grep -q ' __cxa_allocate_exception'; then
     echo "gpu_check: $SITE/llama_cpp/lib/libggml-base.so exports a C++ runtime of its own (see step 1)" >&2; exit 1
   fi
-  $PY -m pip install -q --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$SITE" . > "$OUT/cmx_build.log" 2>&1 \
+  CC=$CC_BUILD CXX=$CXX_BUILD $PY -m pip install -q --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$SITE" . \
+    > "$OUT/cmx_build.log" 2>&1 \
     || { tail -30 "$OUT/cmx_build.log"; echo "gpu_check: building cmx failed" >&2; exit 1; }
 fi
 [ "$BUILD_ONLY" = 1 ] && { echo "gpu_check: installed into $SITE"; exit 0; }
