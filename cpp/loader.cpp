@@ -227,6 +227,10 @@ HParams read_hparams(const gguf_context *gguf) {
     }
     hp.yarn_attn_factor = (float)m.num(m.key("rope.scaling.attn_factor"), 1.0);
     if (hp.mrope()) read_rope_sections(m, hp);
+    // The pinned llama.cpp's qwen2vl loader never reads attention.layer_norm_rms_epsilon (its
+    // qwen2vl hparams hook reads only the M-RoPE sections; f_norm_rms_eps stays 0): its RMS norms
+    // run with eps 0. The dense engine follows it, so logits stay llama.cpp's (docs/decisions.md).
+    if (hp.arch == Arch::qwen2vl) hp.norm_eps = 0.0f;
 
     hp.n_vocab = (int)m.num(m.key("vocab_size"), general.count("tokenizer.ggml.tokens"));
     return hp;
