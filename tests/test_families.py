@@ -3,7 +3,8 @@ converters write that family (tests/vlm_families.py), against llama-cpp-python (
 and with CoreMatching. One small test per family and check (mlx-lm's tests/test_models.py style).
 
 Families: LLaVA-1.5 (one image chunk), SmolVLM / Idefics3 (tiles and a global image, text tokens
-between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks).
+between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks), Qwen2.5-VL (one chunk
+per image on a 2-D grid of M-RoPE positions, dynamic resolution).
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import cmx
 import llava_tiny as lt
 import vlm_families as vf
 from cmx.images import load_image
+from cmx.vision import mrope_positions, prompt_segments
 
 FAMILIES = list(vf.FAMILIES)
 # image tokens mtmd gives each family's test images (tests/vlm_families.py: *_IMAGES)
-IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64]}
+IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64],
+                "qwen25vl": [8 * 6, 5 * 7, 4 * 4]}
 # image chunks per image
-IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1]}
+IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "qwen25vl": [1, 1, 1]}
+TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "qwen25vl": "qwen2vl"}
+PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "qwen25vl": "qwen2.5vl_merger"}
 # the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF)
 MAX_ABS_DIFF = 1e-4
 QUESTION = "What is in the picture?"
@@ -58,7 +63,7 @@ def turn(text, *images):
 # ---------------------------------------------------------------- the files
 
 
-@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16")])
+@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16"), ("qwen25vl", "qwen25vl")])
 def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter):
     """Our gguf-py writer against what llama.cpp's converter wrote for the same tiny model (run once
     here with llama-cpp-python 0.3.36's llama.cpp: convert_hf_to_gguf.py --mmproj --outtype f32 for
@@ -74,8 +79,8 @@ def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_and_reports(family_pair, family):
     m = model(family_pair(family))
-    assert m.info["arch"] == "llama"
-    assert m.vision.meta["projector_type"] == {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp"}[family]
+    assert m.info["arch"] == TEXT_ARCH[family]
+    assert m.vision.meta["projector_type"] == PROJECTOR[family]
 
 
 # ---------------------------------------------------------------- parity with llama-cpp-python
@@ -108,6 +113,7 @@ def test_chat_matches_llama_cpp(family_pair, family):
     ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=24)
 
     prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in images[:2]])
+    rope_pos = mrope_positions(prompt_segments(prompt.chunks))[0] if m._mrope else None  # M-RoPE: mtmd's grid positions
     rows, embd, chunks_per_image = [], [], {}
     for c in prompt.chunks:
         if hasattr(c, "tokens"):
@@ -118,7 +124,7 @@ def test_chat_matches_llama_cpp(family_pair, family):
             chunks_per_image[c.index] = chunks_per_image.get(c.index, 0) + 1
     prompt.close()
     assert [chunks_per_image[i] for i in range(2)] == IMAGE_CHUNKS[family][:2]
-    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True)
+    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True, rope_pos=rope_pos)
     assert len(rows) == len(ref_logits)
     text_rows = [i for i, r in enumerate(rows) if r >= 0]
     assert [i for i, x in enumerate(ref_logits) if x is not None] == text_rows
