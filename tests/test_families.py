@@ -76,6 +76,18 @@ def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter
     assert got["tensors"] == want["tensors"]
 
 
+@pytest.mark.parametrize("family,converter", [("qwen25vl", "qwen2vl")])
+def test_text_model_as_llama_cpps_converter_writes_it(family_pair, family, converter):
+    """The text models of the families whose architecture cmx's own converter does not write
+    (qwen2vl), against convert_hf_to_gguf.py --outtype f32 on the same tiny model: every key, type
+    and value (the tokenizer's long arrays by length and SHA-256), every tensor, in order."""
+    text, _, _ = family_pair(family)
+    want = json.loads((DATA / f"{converter}_text_converter.json").read_text())
+    got = json.loads(json.dumps(vf.text_layout(text)))
+    assert got["keys"] == want["keys"]
+    assert got["tensors"] == want["tensors"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_and_reports(family_pair, family):
     m = model(family_pair(family))

@@ -445,6 +445,19 @@ def gguf_layout(path) -> dict:
     return {"keys": keys, "tensors": [[t.name, t.tensor_type.name, [int(s) for s in t.shape]] for t in r.tensors]}
 
 
+def text_layout(path) -> dict:
+    """gguf_layout of a text model, its arrays of more than 64 entries (the tokenizer's tokens,
+    types and merges) as ["sha256", length, digest of their JSON]."""
+    import hashlib
+    import json
+
+    layout = gguf_layout(path)
+    for k in layout["keys"]:
+        if isinstance(k[2], list) and len(k[2]) > 64:
+            k[2] = ["sha256", len(k[2]), hashlib.sha256(json.dumps(k[2]).encode()).hexdigest()]
+    return layout
+
+
 def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096, with_text=False):
     """llama-cpp-python evaluating mtmd's chunks the way its MTMD chat handler does (image files
     decoded by mtmd's helper, each chunk at the positions mtmd assigns); returns the logits of
