@@ -99,6 +99,7 @@ py::list graph_descs(const std::vector<GraphDesc> &graphs) {
             py::dict d = tensor_desc(n.dst);
             d["op"] = ggml_op_name(n.op);
             d["kind"] = n.kind;
+            d["params"] = n.params;
             py::list src;
             for (const auto &s : n.src) src.append(s ? py::object(tensor_desc(*s)) : py::object(py::none()));
             d["src"] = src;

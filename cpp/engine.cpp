@@ -183,6 +183,7 @@ GraphDesc describe_graph(ggml_cgraph *gf) {
         NodeDesc n;
         n.op = t->op;
         n.kind = ggml_op_desc(t);
+        n.params.assign((const int32_t *)t->op_params, (const int32_t *)t->op_params + GGML_MAX_OP_PARAMS / sizeof(int32_t));
         n.dst = describe_tensor(t);
         int n_src = 0;
         for (int j = 0; j < GGML_MAX_SRC; ++j)

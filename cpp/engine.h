@@ -113,6 +113,7 @@ struct TensorDesc {
 struct NodeDesc {
     ggml_op op = GGML_OP_NONE;
     std::string kind;                          // ggml_op_desc: the UNARY / GLU kind, else the op's name
+    std::vector<int32_t> params;               // op_params as int32 words (ROPE: [2] is the mode, [11..14] M-RoPE's sections)
     TensorDesc dst;
     std::vector<std::optional<TensorDesc>> src;  // src[0..last set one]; nullopt where a slot is empty
 };
