@@ -277,3 +277,123 @@ def test_engine_rows_of_a_split_image_are_checked(family_pair):
     r = e.prefill(toks, pos, np.array([4], np.int32), images=[([2, 3, 6, 7], 4, [1])], anchor_row=n - 1, sparsity=sp)
     assert r["kept"] == [[1]]
     assert e.cache_positions(m.info["n_layer"] - 1) == [0, 1, 3, 4, 5, 8, 9, 10, 11]
+
+
+# ---------------------------------------------------------------- Qwen2.5-VL: M-RoPE positions
+
+
+def qwen_prompt_positions(m, messages):
+    """The prompt's items and mtmd's M-RoPE components for each (vision.mrope_positions)."""
+    prompt_text, sources = m._template.prompt(messages, m.vision.marker)
+    prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in sources])
+    try:
+        return prompt_text, mrope_positions(prompt_segments(prompt.chunks)), [(c.nx, c.ny) for c in prompt.chunks if hasattr(c, "nx")]
+    finally:
+        prompt.close()
+
+
+def test_qwen25vl_pruned_tokens_keep_their_positions(family_pair):
+    """CoreMatching on two images: the layers after K hold every text token (<|vision_start|> and
+    <|vision_end|> around each image included) and each image's kept tokens, each with all four
+    position components it had (temporal, row, column of its grid); layers up to K hold all."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    sp = cmx.Sparsity()
+    m = model(pair, sparsity=sp)
+    messages = [turn("Compare the two pictures.", images[0], images[2])]
+    _, (rope, next_pos), grids = qwen_prompt_positions(m, messages)
+    assert grids == [(8, 6), (4, 4)]
+    m.chat(messages, max_tokens=3)
+    st, eng = m.last_stats, m._engine
+    n_prompt = st["n_prompt"]
+    assert len(rope) == n_prompt
+    K = sp.to_core(m.info["n_layer"]).prune_layer
+    assert np.array_equal(eng.cache_rope_positions(K)[:n_prompt], rope)
+    kept_rows = expected_cache_positions(m._cached[:n_prompt], st["kept_image_tokens"])
+    assert len(kept_rows) < n_prompt
+    after = eng.cache_rope_positions(K + 1)
+    assert np.array_equal(after[: len(kept_rows)], rope[kept_rows])
+    # the special tokens around the images stay, and the image rows kept carry their grid cells
+    start, end = m.tokenize("<|vision_start|>", False)[0], m.tokenize("<|vision_end|>", False)[0]
+    items = m._cached[:n_prompt]
+    assert sum(1 for r in kept_rows if items[r] in (start, end)) == 4
+    for im, (nx, ny) in enumerate(grids):
+        first = next(i for i, it in enumerate(items) if isinstance(it, tuple) and it[1] == 0 and sum(
+            1 for x in items[:i] if x == start) == im + 1)
+        t = rope[first][0]
+        for k in st["kept_image_tokens"][im]:
+            assert tuple(rope[first + k]) == (t, t + k // nx, t + k % nx, 0)
+    # the answer's tokens follow the prompt at mtmd's next text position
+    n_answer = eng.cache_len(0) - n_prompt
+    assert np.array_equal(eng.cache_rope_positions(m.info["n_layer"] - 1)[len(kept_rows):, 0],
+                          np.arange(next_pos, next_pos + n_answer))
+
+
+def test_qwen25vl_second_turn_reuses_the_cache_at_the_right_positions(family_pair):
+    """A second turn evaluated on top of the first turn's cache (its images not re-encoded) gives
+    the logits and answer of the whole conversation evaluated afresh: the text after the cached
+    images continues at mtmd's positions."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    m = model(pair)
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    answer = m.chat(messages, max_tokens=6)
+    messages += [{"role": "assistant", "content": answer}, turn("And the first one?")]
+    n_cached = len(m._cached)
+    reused = m._prefill_chat(messages, None)
+    assert m.last_stats["n_prompt"] < n_cached  # only the new part was evaluated
+    assert m.vision.n_encodes == 2
+    fresh = model(pair)
+    assert np.array_equal(reused, fresh._prefill_chat(messages, None))
+    m.reset()
+    fresh.reset()
+    assert m.chat(messages, max_tokens=8) == fresh.chat(messages, max_tokens=8)
+
+
+def test_qwen25vl_generate_takes_embeddings_with_their_grid(family_pair):
+    """generate() with (embeddings, (nx, ny)) per image: the chat prompt's logits and answer."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    m = model(pair)
+    messages = [turn(QUESTION, images[0])]
+    want = m.chat(messages, max_tokens=6)
+    prompt_text, _ = m._template.prompt(messages, m.vision.marker)
+    prompt = m.vision.tokenize(prompt_text, [load_image(images[0])])
+    items = []
+    for c in prompt.chunks:
+        items += c.tokens if hasattr(c, "tokens") else [(m.vision.encode(c), (c.nx, c.ny))]
+    prompt.close()
+    got = m.detokenize(list(m.generate(items, max_tokens=6)))
+    assert got == want
+    embd = next(x for x in items if isinstance(x, tuple))[0]
+    with pytest.raises(ValueError, match="M-RoPE"):  # an image without its grid
+        m.generate([items[0], embd])
+    with pytest.raises(ValueError, match="grid"):
+        m.generate([1, (embd, (5, 5))])
+
+
+def test_qwen25vl_image_token_bounds(family_pair):
+    """image_min_tokens / image_max_tokens reach mtmd: its dynamic resolution resizes each image
+    to a grid within them, and our encoder's embeddings stay equal to mtmd's with the same bounds."""
+    pair = family_pair("qwen25vl")
+    text, mmproj, images = pair
+    small = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, image_max_tokens=12)
+    large = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, image_min_tokens=64)
+    image = load_image(images[0])  # 8 x 6 tokens at the default bounds
+    n_small, n_large = len(small.vision.encode_image(image)), len(large.vision.encode_image(image))
+    assert n_small <= 12 < 48 < 64 <= n_large
+    answer = small.chat([turn(QUESTION, images[0])], max_tokens=4)
+    assert small.last_stats["image_tokens"] == [n_small] and isinstance(answer, str)
+    for kw in ({"image_min_tokens": 0}, {"image_max_tokens": -3}, {"image_min_tokens": 50, "image_max_tokens": 20}):
+        with pytest.raises(ValueError, match="image_m"):
+            cmx.Model(text, mmproj=mmproj, n_ctx=256, **kw)
+
+
+def test_rope_pos_only_for_mrope_models(family_pair, tiny_model_path):
+    qwen_text, _, _ = family_pair("qwen25vl")
+    e = cmx.Model(tiny_model_path("llama", "f32"), n_ctx=64)._engine
+    with pytest.raises(ValueError, match="rope_pos"):
+        e.decode(np.array([1, 2], np.int32), np.array([0, 1], np.int32), np.array([1], np.int32), rope_pos=np.zeros((2, 4), np.int32))
+    q = cmx.Model(qwen_text, n_ctx=64)._engine
+    with pytest.raises(ValueError, match="rope_pos must have shape"):
+        q.decode(np.array([1, 2], np.int32), np.array([0, 1], np.int32), np.array([1], np.int32), rope_pos=np.zeros((2, 3), np.int32))

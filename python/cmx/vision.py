@@ -581,13 +581,13 @@ class VisionEncoder:
             raise VisionModelError(f"llama.cpp's mtmd could not load {self.path}")
         if not mtmd_cpp.mtmd_support_vision(self._ctx):
             raise VisionModelError(f"{self.path} does not support images")
+        # mtmd lays images out by the text model's RoPE: on their token grid for M-RoPE models
+        # (mrope_positions), one position per token otherwise, whatever the projector
         self.use_mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self._ctx))
-        if self.use_mrope != text_mrope:
+        if self.use_mrope != text_mrope:  # cmx and llama.cpp disagree on the text model's RoPE
             self.close()
-            raise VisionModelError(
-                f"{self.path} places image tokens on a 2-D grid (M-RoPE) but the text model has one position per token"
-                if self.use_mrope else
-                f"{self.path} places image tokens one after another but the text model takes M-RoPE position components")
+            raise VisionModelError(f"{self.path}: mtmd's image positions ({'M-RoPE' if self.use_mrope else 'one per token'}) "
+                                   "do not fit the text model's RoPE")
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
 
     def close(self) -> None:
