@@ -374,7 +374,7 @@ def test_qwen25vl_generate_takes_embeddings_with_their_grid(family_pair):
 
 def test_qwen25vl_image_token_bounds(family_pair):
     """image_min_tokens / image_max_tokens reach mtmd: its dynamic resolution resizes each image
-    to a grid within them, and our encoder's embeddings stay equal to mtmd's with the same bounds."""
+    to a grid within them; bad bounds are refused before anything loads."""
     pair = family_pair("qwen25vl")
     text, mmproj, images = pair
     small = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, image_max_tokens=12)
