@@ -4,7 +4,8 @@ and with CoreMatching. One small test per family and check (mlx-lm's tests/test_
 
 Families: LLaVA-1.5 (one image chunk), SmolVLM / Idefics3 (tiles and a global image, text tokens
 between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks), Qwen2.5-VL (one chunk
-per image on a 2-D grid of M-RoPE positions, dynamic resolution).
+per image on a 2-D grid of M-RoPE positions, dynamic resolution), Qwen2-VL (the same text side, an
+older vision tower).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from cmx.vision import mrope_positions, prompt_segments
 FAMILIES = list(vf.FAMILIES)
 # image tokens mtmd gives each family's test images (tests/vlm_families.py: *_IMAGES)
 IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64],
-                "qwen25vl": [8 * 6, 5 * 7, 4 * 4]}
+                "qwen25vl": [8 * 6, 5 * 7, 4 * 4], "qwen2vl": [8 * 6, 5 * 7, 4 * 4]}
 # image chunks per image
-IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "qwen25vl": [1, 1, 1]}
-TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "qwen25vl": "qwen2vl"}
-PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "qwen25vl": "qwen2.5vl_merger"}
+IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "qwen25vl": [1, 1, 1], "qwen2vl": [1, 1, 1]}
+TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "qwen25vl": "qwen2vl", "qwen2vl": "qwen2vl"}
+PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "qwen25vl": "qwen2.5vl_merger",
+             "qwen2vl": "qwen2vl_merger"}
 # the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF)
 MAX_ABS_DIFF = 1e-4
 QUESTION = "What is in the picture?"
@@ -63,7 +65,8 @@ def turn(text, *images):
 # ---------------------------------------------------------------- the files
 
 
-@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16"), ("qwen25vl", "qwen25vl")])
+@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16"), ("qwen25vl", "qwen25vl"),
+                                                 ("qwen2vl", "qwen2vl")])
 def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter):
     """Our gguf-py writer against what llama.cpp's converter wrote for the same tiny model (run once
     here with llama-cpp-python 0.3.36's llama.cpp: convert_hf_to_gguf.py --mmproj --outtype f32 for
@@ -76,7 +79,7 @@ def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter
     assert got["tensors"] == want["tensors"]
 
 
-@pytest.mark.parametrize("family,converter", [("qwen25vl", "qwen2vl")])
+@pytest.mark.parametrize("family,converter", [("qwen25vl", "qwen2vl"), ("qwen2vl", "qwen2vl")])
 def test_text_model_as_llama_cpps_converter_writes_it(family_pair, family, converter):
     """The text models of the families whose architecture cmx's own converter does not write
     (qwen2vl), against convert_hf_to_gguf.py --outtype f32 on the same tiny model: every key, type

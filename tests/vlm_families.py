@@ -411,6 +411,93 @@ def export_qwen25vl_mmproj(model, path, *, name: str = "tiny-qwen2.5-vl") -> str
     return str(path)
 
 
+def build_tiny_qwen2vl(tok, *, seed: int = 0, text_hidden: int = 64):
+    """A random tiny ``Qwen2VLForConditionalGeneration`` (Qwen2-VL: LayerNorm and quick-GELU vision
+    blocks, no window attention; 3 blocks, the fewest the converter maps) in float32, eval mode."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL}
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=text_hidden, mlp_ratio=2, num_heads=2, patch_size=QWEN_VL_PATCH,
+                           temporal_patch_size=2, spatial_merge_size=QWEN_VL_MERGE, in_channels=3),
+        text_config=dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": QWEN_VL_SECTIONS}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval().to(torch.float32)
+    lt.randomize(model, seed)
+    return model
+
+
+def export_qwen2vl_mmproj(model, path, *, name: str = "tiny-qwen2-vl") -> str:
+    """The mmproj ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` writes for Qwen2-VL (its
+    Qwen2VLVisionModel class): projector type ``qwen2vl_merger``, no ``clip.use_silu`` or
+    ``n_wa_pattern``; ``clip.vision.embedding_length`` is the config's ``embed_dim`` and
+    ``feed_forward_length`` its ``hidden_size`` (the converter's renaming), the blocks' LayerNorms
+    with biases, ``mlp.fc1`` / ``fc2`` as ``ffn_up`` / ``ffn_down``, the merger's LayerNorm as
+    ``v.post_ln``. tests/data/families/qwen2vl_mmproj_converter.json holds what the converter wrote."""
+    import gguf
+
+    v = model.config.vision_config
+    vis = model.model.visual
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type("mmproj")
+    w.add_name(name)
+    w.add_file_type(0)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", model.config.text_config.hidden_size)
+    w.add_uint32("clip.vision.image_size", 560)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.embed_dim)
+    w.add_uint32("clip.vision.feed_forward_length", v.hidden_size)
+    w.add_uint32("clip.vision.block_count", v.depth)
+    w.add_uint32("clip.vision.attention.head_count", v.num_heads)
+    w.add_array("clip.vision.image_mean", list(QWEN_VL_MEAN))
+    w.add_array("clip.vision.image_std", list(QWEN_VL_STD))
+    w.add_string("clip.projector_type", "qwen2vl_merger")
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tensors = []
+    for il, blk in enumerate(vis.blocks):
+        p, att, mlp = f"v.blk.{il}.", blk.attn, blk.mlp
+        qkv_w, qkv_b = att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)
+        tensors += [(p + "attn_out.bias", att.proj.bias), (p + "attn_out.weight", att.proj.weight),
+                    (p + "attn_q.bias", qkv_b[0]), (p + "attn_k.bias", qkv_b[1]), (p + "attn_v.bias", qkv_b[2]),
+                    (p + "attn_q.weight", qkv_w[0]), (p + "attn_k.weight", qkv_w[1]), (p + "attn_v.weight", qkv_w[2]),
+                    (p + "ffn_up.bias", mlp.fc1.bias), (p + "ffn_up.weight", mlp.fc1.weight),
+                    (p + "ffn_down.bias", mlp.fc2.bias), (p + "ffn_down.weight", mlp.fc2.weight),
+                    (p + "ln1.bias", blk.norm1.bias), (p + "ln1.weight", blk.norm1.weight),
+                    (p + "ln2.bias", blk.norm2.bias), (p + "ln2.weight", blk.norm2.weight)]
+    merger = vis.merger
+    tensors += [("v.post_ln.bias", merger.ln_q.bias), ("v.post_ln.weight", merger.ln_q.weight),
+                ("mm.0.bias", merger.mlp[0].bias), ("mm.0.weight", merger.mlp[0].weight),
+                ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
+    patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
+    tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
+    for tname, t in tensors:
+        w.add_tensor(tname, _f32(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_qwen2vl_pair(out, text_type: str = "f32"):
+    tok = qwen_vl_tokenizer()
+    model = build_tiny_qwen2vl(tok)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = export_qwen2vl_text(model, tok, out / "tiny-qwen2vl.gguf", name="tiny-qwen2-vl")
+    mmproj = export_qwen2vl_mmproj(model, out / "mmproj-tiny-qwen2vl.gguf")
+    return text, mmproj, _save_images(out, QWEN_VL_IMAGES)
+
+
 def export_qwen25vl_pair(out, text_type: str = "f32"):
     tok = qwen_vl_tokenizer()
     model = build_tiny_qwen25vl(tok)
@@ -426,7 +513,7 @@ def export_llava15_pair(out, text_type: str = "f32"):
 
 
 FAMILIES = {"llava15": export_llava15_pair, "smolvlm": export_smolvlm_pair, "llava16": export_llava16_pair,
-            "qwen25vl": export_qwen25vl_pair}
+            "qwen25vl": export_qwen25vl_pair, "qwen2vl": export_qwen2vl_pair}
 
 
 def gguf_layout(path) -> dict:

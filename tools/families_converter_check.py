@@ -26,6 +26,9 @@ vendor/llama.cpp of its sdist), run with its own gguf-py, and its converters' re
   f32``, compares the mmproj with ``vlm_families.export_qwen25vl_mmproj`` and the text model with
   ``vlm_families.export_qwen2vl_text`` (layout and data; the text model's record holds its long
   tokenizer arrays as length and SHA-256), and runs the converter's pair through the runner.
+* Qwen2-VL: the same with a tiny ``Qwen2VLForConditionalGeneration`` and
+  ``vlm_families.export_qwen2vl_mmproj`` (its text model's layout checked, not recorded: it is
+  Qwen2.5-VL's).
 """
 
 from __future__ import annotations
@@ -194,6 +197,28 @@ def qwen25vl(llama_cpp: Path, out: Path, data: Path | None) -> bool:
     return ok
 
 
+def qwen2vl(llama_cpp: Path, out: Path, data: Path | None) -> bool:
+    tok = vf.qwen_vl_tokenizer()
+    model = vf.build_tiny_qwen2vl(tok)
+    hf = out / "hf_qwen2vl"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    (hf / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": vf.QWEN_VL_PATCH, "temporal_patch_size": 2, "merge_size": vf.QWEN_VL_MERGE,
+        "image_mean": list(vf.QWEN_VL_MEAN), "image_std": list(vf.QWEN_VL_STD)}))
+    conv_mmproj, conv_text = out / "converter-mmproj-qwen2vl.gguf", out / "converter-qwen2vl.gguf"
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--mmproj", "--outtype", "f32", "--outfile", str(conv_mmproj)], llama_cpp)
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--outtype", "f32", "--outfile", str(conv_text)], llama_cpp)
+    ours_mmproj, ours_text = out / "ours-mmproj-qwen2vl.gguf", out / "ours-qwen2vl.gguf"
+    vf.export_qwen2vl_mmproj(model, ours_mmproj)
+    vf.export_qwen2vl_text(model, tok, ours_text, name="tiny-qwen2-vl")
+    ok = compare("qwen2vl", conv_mmproj, ours_mmproj, data)
+    ok &= compare("qwen2vl (Qwen2-VL's text model)", conv_text, ours_text, None, kind="text", layout=vf.text_layout)
+    ok &= parity("converter's Qwen2-VL pair", conv_text, conv_mmproj, out, vf.QWEN_VL_IMAGES)
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp checkout (llama-cpp-python 0.3.36's vendor/llama.cpp)")
@@ -207,6 +232,7 @@ def main(argv=None) -> int:
         ok = smolvlm(a.llama_cpp.resolve(), out, data)
         ok &= llava16(a.llama_cpp.resolve(), out, data)
         ok &= qwen25vl(a.llama_cpp.resolve(), out, data)
+        ok &= qwen2vl(a.llama_cpp.resolve(), out, data)
     print("all equal" if ok else "DIFFERENCES")
     return 0 if ok else 1
 
