@@ -60,7 +60,6 @@ void ggml_log_to_stderr(ggml_log_level level, const char *text, void *) {
     if (effective >= g_min_log_level && effective != GGML_LOG_LEVEL_NONE) fputs(text, stderr);
 }
 
-// Points the batch at float embeddings (kept alive by `holder`), checking their shape.
 // M-RoPE position components: an int array [n_rows, 4] (temporal, row, column, unused), or None.
 void set_rope_pos(Batch &b, py::object rope_pos) {
     if (rope_pos.is_none()) return;
@@ -70,6 +69,7 @@ void set_rope_pos(Batch &b, py::object rope_pos) {
     b.rope_pos.assign(a.data(), a.data() + a.size());
 }
 
+// Points the batch at float embeddings (kept alive by `holder`), checking their shape.
 void set_embeddings(const Engine &e, Batch &b, py::object embd, py::array_t<float, py::array::c_style | py::array::forcecast> &holder) {
     if (embd.is_none()) return;
     holder = embd.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>();
