@@ -326,10 +326,29 @@ def test_qwen25vl_pruned_tokens_keep_their_positions(family_pair):
         t = rope[first][0]
         for k in st["kept_image_tokens"][im]:
             assert tuple(rope[first + k]) == (t, t + k // nx, t + k % nx, 0)
+    # mtmd wrote each image between <|vision_start|> and <|vision_end|>, once each
+    runs = [(p, n) for p, n in m.image_spans]
+    assert [(items[p - 1], items[p + n]) for p, n in runs] == [(start, end)] * 2
+    assert sum(1 for it in items if it == start) == 2 and sum(1 for it in items if it == end) == 2
     # the answer's tokens follow the prompt at mtmd's next text position
     n_answer = eng.cache_len(0) - n_prompt
     assert np.array_equal(eng.cache_rope_positions(m.info["n_layer"] - 1)[len(kept_rows):, 0],
                           np.arange(next_pos, next_pos + n_answer))
+
+
+def test_qwen25vl_pruned_prefill_over_small_batches(family_pair):
+    """The prompt split into 16-row graphs (each graph's rows carry their own position components,
+    before and after the pruning layer) gives the one-graph prefill's choice and logits."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    sp = cmx.Sparsity(neurons=False)
+    whole = model(pair)
+    ref = whole._prefill_chat(messages, sp)
+    split = cmx.Model(pair[0], mmproj=pair[1], n_ctx=4096, n_threads=2, n_batch=16)
+    logits = split._prefill_chat(messages, sp)
+    assert split.last_stats["kept_image_tokens"] == whole.last_stats["kept_image_tokens"]
+    assert np.abs(logits - ref).max() < MAX_ABS_DIFF
 
 
 def test_qwen25vl_second_turn_reuses_the_cache_at_the_right_positions(family_pair):
