@@ -38,6 +38,7 @@ py::dict model_info(const Model &m) {
     d["n_ctx_train"] = hp.n_ctx_train;
     d["rope_freq_base"] = hp.rope_freq_base;
     d["rope_freq_scale"] = hp.rope_freq_scale;
+    d["rope_sections"] = hp.mrope() ? py::cast(std::vector<int>(hp.rope_sections, hp.rope_sections + GGML_MROPE_SECTIONS)) : py::none();
     d["norm_eps"] = hp.norm_eps;
     d["file_type"] = hp.file_type;
     d["tied_output"] = m.tied_output;
@@ -58,6 +59,15 @@ void ggml_log_to_stderr(ggml_log_level level, const char *text, void *) {
     g_last_log_level = effective;
     // ggml_log_level orders DEBUG(1) < INFO(2) < WARN(3) < ERROR(4)
     if (effective >= g_min_log_level && effective != GGML_LOG_LEVEL_NONE) fputs(text, stderr);
+}
+
+// M-RoPE position components: an int array [n_rows, 4] (temporal, row, column, unused), or None.
+void set_rope_pos(Batch &b, py::object rope_pos) {
+    if (rope_pos.is_none()) return;
+    auto a = rope_pos.cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
+    if (a.ndim() != 2 || a.shape(1) != GGML_MROPE_SECTIONS || (size_t)a.shape(0) != b.tokens.size())
+        throw std::invalid_argument("rope_pos must have shape (n_rows, 4)");
+    b.rope_pos.assign(a.data(), a.data() + a.size());
 }
 
 // Points the batch at float embeddings (kept alive by `holder`), checking their shape.
@@ -90,6 +100,7 @@ py::list graph_descs(const std::vector<GraphDesc> &graphs) {
             py::dict d = tensor_desc(n.dst);
             d["op"] = ggml_op_name(n.op);
             d["kind"] = n.kind;
+            d["params"] = n.params;
             py::list src;
             for (const auto &s : n.src) src.append(s ? py::object(tensor_desc(*s)) : py::object(py::none()));
             d["src"] = src;
@@ -255,10 +266,11 @@ PYBIND11_MODULE(_core, mod) {
             [](Engine &e, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
                py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
                py::array_t<int32_t, py::array::c_style | py::array::forcecast> out_rows, py::object embd,
-               int prune_after_layer, py::object keep_rows) {
+               int prune_after_layer, py::object keep_rows, py::object rope_pos) {
                 Batch b;
                 b.tokens.assign(tokens.data(), tokens.data() + tokens.size());
                 b.pos.assign(pos.data(), pos.data() + pos.size());
+                set_rope_pos(b, rope_pos);
                 b.out_rows.assign(out_rows.data(), out_rows.data() + out_rows.size());
                 py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
                 set_embeddings(e, b, embd, embd_arr);
@@ -276,19 +288,20 @@ PYBIND11_MODULE(_core, mod) {
                 return out;
             },
             py::arg("tokens"), py::arg("pos"), py::arg("out_rows"), py::arg("embd") = py::none(),
-            py::arg("prune_after_layer") = -1, py::arg("keep_rows") = py::none(),
-            "Evaluate rows (token ids, -1 for rows from `embd`) at explicit positions on top of the cache; "
-            "returns float32 logits [len(out_rows), n_vocab].")
+            py::arg("prune_after_layer") = -1, py::arg("keep_rows") = py::none(), py::arg("rope_pos") = py::none(),
+            "Evaluate rows (token ids, -1 for rows from `embd`) at explicit positions on top of the cache (M-RoPE "
+            "models: rope_pos [n, 4] gives each row's position components); returns float32 logits [len(out_rows), n_vocab].")
         .def(
             "prefill",
             [](Engine &e, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
                py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
                py::array_t<int32_t, py::array::c_style | py::array::forcecast> out_rows, py::object embd,
                const std::vector<py::tuple> &images, int anchor_row,
-               std::optional<SparsityParams> sparsity) {
+               std::optional<SparsityParams> sparsity, py::object rope_pos) {
                 Batch b;
                 b.tokens.assign(tokens.data(), tokens.data() + tokens.size());
                 b.pos.assign(pos.data(), pos.data() + pos.size());
+                set_rope_pos(b, rope_pos);
                 b.out_rows.assign(out_rows.data(), out_rows.data() + out_rows.size());
                 py::array_t<float, py::array::c_style | py::array::forcecast> embd_arr;
                 set_embeddings(e, b, embd, embd_arr);
@@ -326,7 +339,7 @@ PYBIND11_MODULE(_core, mod) {
             },
             py::arg("tokens"), py::arg("pos"), py::arg("out_rows"), py::arg("embd") = py::none(),
             py::arg("images") = std::vector<py::tuple>{}, py::arg("anchor_row") = -1,
-            py::arg("sparsity") = py::none(),
+            py::arg("sparsity") = py::none(), py::arg("rope_pos") = py::none(),
             "Prefill a prompt (dense FFNs); with sparsity, CoreMatching prunes each image (first_row, n_rows, forced_keep"
             "[, merge groups]) "
             "after sparsity.prune_layer and sets the core neurons of later decodes. Returns a dict: logits, kept, "
@@ -349,5 +362,13 @@ PYBIND11_MODULE(_core, mod) {
         .def("cache_positions", [](Engine &e, int layer) {
                  if (layer < 0 || layer >= e.model().hp.n_layer) throw std::out_of_range("layer out of range");
                  return e.cache().layers[layer].pos;
-             }, py::arg("layer"));
+             }, py::arg("layer"))
+        .def("cache_rope_positions", [](Engine &e, int layer) {
+                 if (layer < 0 || layer >= e.model().hp.n_layer) throw std::out_of_range("layer out of range");
+                 const std::vector<int32_t> &rp = e.cache().layers[layer].rope_pos;
+                 py::array_t<int32_t> out({(py::ssize_t)(rp.size() / GGML_MROPE_SECTIONS), (py::ssize_t)GGML_MROPE_SECTIONS});
+                 std::copy(rp.begin(), rp.end(), out.mutable_data());
+                 return out;
+             }, py::arg("layer"),
+             "M-RoPE models: the position components (temporal, row, column, unused) of each token the layer caches, [n, 4].");
 }

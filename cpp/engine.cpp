@@ -46,6 +46,7 @@ KVCache::~KVCache() {
 void KVCache::clear() {
     for (auto &l : layers) {
         l.pos.clear();
+        l.rope_pos.clear();
         l.stats.truncate(0);
     }
 }
@@ -55,6 +56,7 @@ void KVCache::truncate(int n) {
         // positions grow along each layer's cache; a pruned layer holds fewer of them
         size_t keep = std::lower_bound(l.pos.begin(), l.pos.end(), n) - l.pos.begin();
         l.pos.resize(keep);
+        if (!l.rope_pos.empty()) l.rope_pos.resize(keep * GGML_MROPE_SECTIONS);
         l.stats.truncate(keep);
     }
 }
@@ -129,6 +131,10 @@ void Engine::validate(const Batch &batch) const {
                                     std::to_string(batch.n_embd_rows) + " were given");
     for (int32_t r : batch.out_rows)
         if (r < 0 || (size_t)r >= n) throw std::invalid_argument("out_rows index out of range");
+    if (!batch.rope_pos.empty() && !hp.mrope())
+        throw std::invalid_argument("rope_pos (M-RoPE position components) given for a '" + hp.arch_name + "' model, which has one position per token");
+    if (!batch.rope_pos.empty() && batch.rope_pos.size() != n * GGML_MROPE_SECTIONS)
+        throw std::invalid_argument("rope_pos must have 4 entries (temporal, row, column, unused) per row");
     const int n_after = cache_->max_len() + (int)n;
     if (n_after > params_.n_ctx)
         throw std::invalid_argument("prompt too long: " + std::to_string(n_after) + " tokens (with " +
@@ -141,6 +147,16 @@ void check_keep_rows(const std::vector<int32_t> &rows, size_t n, const char *wha
     for (size_t i = 0; i < rows.size(); ++i)
         if (rows[i] < 0 || (size_t)rows[i] >= n || (i && rows[i] <= rows[i - 1]))
             throw std::invalid_argument(std::string(what) + " must be ascending indices in [0, " + std::to_string(n) + ")");
+}
+// Row r's M-RoPE position components (temporal, row, column, unused): given, or a text token's
+// (p, p, p, 0) as llama.cpp sets them for token batches.
+void mrope_pos_of(const Batch &batch, size_t r, int32_t out[GGML_MROPE_SECTIONS]) {
+    if (!batch.rope_pos.empty()) {
+        std::copy_n(batch.rope_pos.data() + r * GGML_MROPE_SECTIONS, GGML_MROPE_SECTIONS, out);
+        return;
+    }
+    out[0] = out[1] = out[2] = batch.pos[r];
+    out[3] = 0;
 }
 // Inputs the scheduler left without memory are unused by the graph: nothing to set.
 void set_input(ggml_tensor *t, const void *data) {
@@ -167,6 +183,7 @@ GraphDesc describe_graph(ggml_cgraph *gf) {
         NodeDesc n;
         n.op = t->op;
         n.kind = ggml_op_desc(t);
+        n.params.assign((const int32_t *)t->op_params, (const int32_t *)t->op_params + GGML_MAX_OP_PARAMS / sizeof(int32_t));
         n.dst = describe_tensor(t);
         int n_src = 0;
         for (int j = 0; j < GGML_MAX_SRC; ++j)
@@ -394,6 +411,11 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
             for (int64_t d = 0; d < hp.n_embd; ++d) dst[d] = (float)(sum[d] / (double)group->size());
         }
         rest.pos.push_back(batch.pos[keep[i]]);
+        if (hp.mrope()) {  // a kept token keeps every position component it had
+            int32_t p[GGML_MROPE_SECTIONS];
+            mrope_pos_of(batch, keep[i], p);
+            rest.rope_pos.insert(rest.rope_pos.end(), p, p + GGML_MROPE_SECTIONS);
+        }
     }
     rest.tokens.assign(keep.size(), -1);
     if (!batch.image_rows.empty())
@@ -513,7 +535,17 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         set_input(in.embd, batch.embd + (size_t)embd_begin * hp.n_embd);
         set_input(in.row_order, order.data());
         const int32_t *pos = batch.pos.data() + begin;
-        set_input(in.pos, pos);
+        std::vector<int32_t> mrope_rows;  // M-RoPE: the rows' components, [n_rows][4]
+        if (hp.mrope()) {
+            mrope_rows.resize((size_t)n_rows * GGML_MROPE_SECTIONS);
+            for (int64_t i = 0; i < n_rows; ++i) mrope_pos_of(batch, begin + i, mrope_rows.data() + i * GGML_MROPE_SECTIONS);
+            std::vector<int32_t> sections((size_t)n_rows * GGML_MROPE_SECTIONS);  // ggml_rope_multi reads component-major
+            for (int64_t i = 0; i < n_rows; ++i)
+                for (int c = 0; c < GGML_MROPE_SECTIONS; ++c) sections[c * n_rows + i] = mrope_rows[i * GGML_MROPE_SECTIONS + c];
+            set_input(in.pos, sections.data());
+        } else {
+            set_input(in.pos, pos);
+        }
         set_input(in.out_rows, out_rows.data());
         if (in.stats_rows) {  // statistics for the text rows only
             std::vector<int32_t> wanted(n_rows);
@@ -521,7 +553,10 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             set_input(in.stats_rows, wanted.data());
         }
         for (auto &m : in.masks) {
-            // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i
+            // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i.
+            // For M-RoPE llama.cpp masks by temporal position, then (row, column) where those tie;
+            // with mtmd's positions (an image's tokens share one temporal position and run row by
+            // row; the text after it starts past max(rows, columns)) that is the same set of keys.
             const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cache_->layers[m.layer].pos.size();
             std::vector<float> mask((size_t)n_kv * n_q, -INFINITY);
             for (int64_t i = 0; i < n_q; ++i) std::fill_n(mask.begin() + i * n_kv, n_past + i + 1, 0.0f);
@@ -558,6 +593,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
         for (int il = layer_begin; il < layer_end; ++il) {
             LayerCache &lc = cache_->layers[il];
             lc.pos.insert(lc.pos.end(), pos, pos + n_rows);
+            lc.rope_pos.insert(lc.rope_pos.end(), mrope_rows.begin(), mrope_rows.end());
             for (auto &[l, t] : go.acts)
                 if (l == il)  // [n_rows][n_ff]
                     ggml_backend_tensor_get(t, so.captured.data() + begin * hp.n_ff, 0, ggml_nbytes(t));

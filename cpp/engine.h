@@ -26,12 +26,15 @@ enum ActUse : uint8_t { kActStats = 1, kActCapture = 2, kActTextStats = 4 };
 
 // Per-layer KV cache. k: [n_embd_kv, n_ctx] (token j is row j); v is stored transposed,
 // [n_ctx, n_embd_kv], so attention reads it with one matmul (llama.cpp's non-flash layout).
-// pos[j] is the RoPE position of cached token j; size() of pos is the layer's length.
-// stats holds, row for row, what CoreMatching needs of each cached token's FFN activations.
+// pos[j] is the sequence position of cached token j (its RoPE position, but for M-RoPE models);
+// size() of pos is the layer's length. M-RoPE models also keep each token's 4 position components
+// in rope_pos ([len][4]: what its k row was rotated with). stats holds, row for row, what
+// CoreMatching needs of each cached token's FFN activations.
 struct LayerCache {
     ggml_tensor *k = nullptr;
     ggml_tensor *v = nullptr;
     std::vector<int32_t> pos;
+    std::vector<int32_t> rope_pos;
     NeuronStats stats;
 };
 
@@ -57,7 +60,11 @@ struct Batch {
     std::vector<int32_t> tokens;     // per row: token id, or -1 where the row comes from `embd`
     const float *embd = nullptr;     // [n_embd_rows, n_embd] row-major, for the -1 rows in order
     int n_embd_rows = 0;
-    std::vector<int32_t> pos;        // per row: RoPE position (explicit; need not be contiguous)
+    std::vector<int32_t> pos;        // per row: sequence position (explicit; need not be contiguous); RoPE's but for M-RoPE
+    // M-RoPE models (qwen2vl): per row its 4 position components (temporal, row, column, unused),
+    // [n_rows][4]; an image token's come from its grid, a text token's are (p, p, p, 0). Empty:
+    // every row is a text token at its sequence position.
+    std::vector<int32_t> rope_pos;
     std::vector<int32_t> out_rows;   // rows whose logits are returned (after pruning: kept rows)
     std::vector<uint8_t> image_rows; // per row: 1 for an image's row (empty: none); read by kActTextStats
 };
@@ -106,6 +113,7 @@ struct TensorDesc {
 struct NodeDesc {
     ggml_op op = GGML_OP_NONE;
     std::string kind;                          // ggml_op_desc: the UNARY / GLU kind, else the op's name
+    std::vector<int32_t> params;               // op_params as int32 words (ROPE: [2] is the mode, [11..14] M-RoPE's sections)
     TensorDesc dst;
     std::vector<std::optional<TensorDesc>> src;  // src[0..last set one]; nullopt where a slot is empty
 };

@@ -33,7 +33,14 @@ struct Builder {
 
     const LoraLayer *lora(int il) const { return model.lora ? &model.lora->layers[il] : nullptr; }
 
+    // pos: I32 [n_q], or for M-RoPE [4 * n_q] (each component's n_q positions in turn)
     ggml_tensor *rope(ggml_tensor *x, ggml_tensor *pos) {
+        if (hp.mrope()) {
+            int sections[GGML_MROPE_SECTIONS];
+            std::copy_n(hp.rope_sections, GGML_MROPE_SECTIONS, sections);
+            return ggml_rope_multi(ctx, x, pos, model.rope_freqs, hp.n_rot, sections, hp.rope_mode, hp.n_ctx_orig, hp.rope_freq_base,
+                                   hp.rope_freq_scale, hp.yarn_ext_factor, hp.yarn_attn_factor, hp.yarn_beta_fast, hp.yarn_beta_slow);
+        }
         return ggml_rope_ext(ctx, x, pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig, hp.rope_freq_base,
                              hp.rope_freq_scale, hp.yarn_ext_factor, hp.yarn_attn_factor, hp.yarn_beta_fast,
                              hp.yarn_beta_slow);
@@ -180,7 +187,7 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         in.row_order = input_tensor(ctx, GGML_TYPE_I32, n_rows, 0, "inp_row_order");
         x = ggml_get_rows(ctx, x, in.row_order);  // [n_embd, n_rows] in sequence order
     }
-    in.pos = input_tensor(ctx, GGML_TYPE_I32, n_rows, 0, "inp_pos");
+    in.pos = input_tensor(ctx, GGML_TYPE_I32, n_rows * hp.n_pos_per_row(), 0, "inp_pos");
 
     const bool to_logits = spec.layer_end == hp.n_layer;
     const int64_t n_out = to_logits ? (int64_t)batch.out_rows.size() : 0;

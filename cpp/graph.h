@@ -13,7 +13,7 @@ struct GraphInputs {
     ggml_tensor *tokens = nullptr;      // I32 [n_token_rows]
     ggml_tensor *embd = nullptr;        // F32 [n_embd, n_embd_rows]
     ggml_tensor *row_order = nullptr;   // I32 [n_rows]: mixed batches interleave tokens and embeddings
-    ggml_tensor *pos = nullptr;         // I32 [n_rows]
+    ggml_tensor *pos = nullptr;         // I32 [n_rows], M-RoPE: [4 * n_rows] (component-major)
     ggml_tensor *out_rows = nullptr;    // I32 [n_out]
     ggml_tensor *stats_rows = nullptr;  // I32 [n_rows]: 1 where kActTextStats layers take statistics
     struct Mask {

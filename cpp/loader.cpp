@@ -23,7 +23,7 @@
 
 namespace cmx {
 
-const char *arch_name(Arch arch) { return arch == Arch::qwen2 ? "qwen2" : "llama"; }
+const char *arch_name(Arch arch) { return arch == Arch::qwen2vl ? "qwen2vl" : arch == Arch::qwen2 ? "qwen2" : "llama"; }
 
 std::string printable_utf8(const std::string &text) {
     std::string out;
@@ -118,6 +118,20 @@ class Meta {
         }
     }
 
+    // an integer array's values, or one integer as a single value; empty when the key is absent
+    std::vector<int64_t> ints(const std::string &k) const {
+        int64_t id = gguf_find_key(ctx_, k.c_str());
+        if (id < 0) return {};
+        if (gguf_get_kv_type(ctx_, id) != GGUF_TYPE_ARRAY) return {(int64_t)num(k, 0)};
+        const enum gguf_type t = gguf_get_arr_type(ctx_, id);
+        if (t != GGUF_TYPE_INT32 && t != GGUF_TYPE_UINT32) throw load_error("metadata key '" + k + "' is not an array of 32-bit integers");
+        const size_t n = gguf_get_arr_n(ctx_, id);
+        std::vector<int64_t> out(n);
+        for (size_t i = 0; i < n; ++i)
+            out[i] = t == GGUF_TYPE_INT32 ? ((const int32_t *)gguf_get_arr_data(ctx_, id))[i] : ((const uint32_t *)gguf_get_arr_data(ctx_, id))[i];
+        return out;
+    }
+
     int count(const std::string &k) const {
         int64_t id = gguf_find_key(ctx_, k.c_str());
         if (id < 0 || gguf_get_kv_type(ctx_, id) != GGUF_TYPE_ARRAY) return 0;
@@ -128,6 +142,26 @@ class Meta {
     const gguf_context *ctx_;
     std::string arch_;
 };
+
+// rope.dimension_sections: required, 4 integers as llama.cpp reads them (an array of exactly 4, or
+// one number for all); ggml's M-RoPE takes each pair's section modulo their sum, so it must be > 0.
+void read_rope_sections(const Meta &m, HParams &hp) {
+    const std::string k = m.key("rope.dimension_sections");
+    std::vector<int64_t> v = m.ints(k);
+    if (v.empty()) throw load_error("missing metadata key '" + k + "' (M-RoPE needs its sections)");
+    if (v.size() == 1) v.assign(GGML_MROPE_SECTIONS, v[0]);
+    if (v.size() != GGML_MROPE_SECTIONS)
+        throw load_error("metadata key '" + k + "' has " + std::to_string(v.size()) + " entries, expected 4");
+    int64_t sum = 0;
+    for (size_t i = 0; i < v.size(); ++i) {
+        if (v[i] < 0 || v[i] > hp.n_rot) throw load_error("metadata key '" + k + "' has an entry out of [0, rope dimensions]");
+        hp.rope_sections[i] = (int)v[i];
+        sum += v[i];
+    }
+    if (sum <= 0 || sum > hp.n_rot / 2)
+        throw load_error("metadata key '" + k + "' sums to " + std::to_string(sum) + ", expected 1.." + std::to_string(hp.n_rot / 2) +
+                         " (rotary dimension pairs)");
+}
 
 HParams read_hparams(const gguf_context *gguf) {
     HParams hp;
@@ -140,8 +174,11 @@ HParams read_hparams(const gguf_context *gguf) {
     } else if (hp.arch_name == "qwen2") {
         hp.arch = Arch::qwen2;
         hp.rope_mode = GGML_ROPE_TYPE_NEOX;
+    } else if (hp.arch_name == "qwen2vl") {  // Qwen2-VL / Qwen2.5-VL's text model: qwen2 with M-RoPE
+        hp.arch = Arch::qwen2vl;
+        hp.rope_mode = GGML_ROPE_TYPE_MROPE;
     } else {
-        throw load_error("unsupported architecture '" + hp.arch_name + "' (cmx supports: llama, qwen2)");
+        throw load_error("unsupported architecture '" + hp.arch_name + "' (cmx supports: llama, qwen2, qwen2vl)");
     }
     hp.name = printable_utf8(general.str("general.name", ""));  // shown in Model.info: a Python str
     hp.file_type = (uint32_t)general.num("general.file_type", 0);
@@ -189,6 +226,11 @@ HParams read_hparams(const gguf_context *gguf) {
         hp.yarn_beta_slow = (float)m.num(m.key("rope.scaling.yarn_beta_slow"), 1.0);
     }
     hp.yarn_attn_factor = (float)m.num(m.key("rope.scaling.attn_factor"), 1.0);
+    if (hp.mrope()) read_rope_sections(m, hp);
+    // The pinned llama.cpp's qwen2vl loader never reads attention.layer_norm_rms_epsilon (its
+    // qwen2vl hparams hook reads only the M-RoPE sections; f_norm_rms_eps stays 0): its RMS norms
+    // run with eps 0. The dense engine follows it, so logits stay llama.cpp's (docs/decisions.md).
+    if (hp.arch == Arch::qwen2vl) hp.norm_eps = 0.0f;
 
     hp.n_vocab = (int)m.num(m.key("vocab_size"), general.count("tokenizer.ggml.tokens"));
     return hp;
@@ -476,7 +518,7 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
                              name + "' of block " + std::to_string(il));
     }
 
-    const bool qkv_bias = hp.arch == Arch::qwen2;
+    const bool qkv_bias = hp.arch == Arch::qwen2 || hp.arch == Arch::qwen2vl;
     model->layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         Layer &l = model->layers[il];

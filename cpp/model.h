@@ -28,7 +28,7 @@ struct load_error : std::runtime_error {
     explicit load_error(const std::string &message) : std::runtime_error(printable_utf8(message)) {}
 };
 
-enum class Arch { llama, qwen2 };
+enum class Arch { llama, qwen2, qwen2vl };
 
 enum class RopeScaling { none, linear, yarn };
 
@@ -57,13 +57,19 @@ struct HParams {
     float yarn_attn_factor = 1.0f;
     float yarn_beta_fast = 32.0f;
     float yarn_beta_slow = 1.0f;
-    int rope_mode = GGML_ROPE_TYPE_NORMAL;  // llama: adjacent pairs (the converter permutes Q/K); qwen2: NEOX
+    int rope_mode = GGML_ROPE_TYPE_NORMAL;  // llama: adjacent pairs (the converter permutes Q/K); qwen2: NEOX; qwen2vl: MROPE
+    // M-RoPE (qwen2vl): how many rotary dimension pairs each position component turns (temporal,
+    // row, column, unused), rope.dimension_sections
+    int rope_sections[GGML_MROPE_SECTIONS] = {0, 0, 0, 0};
+
+    bool mrope() const { return rope_mode == GGML_ROPE_TYPE_MROPE; }
+    int n_pos_per_row() const { return mrope() ? GGML_MROPE_SECTIONS : 1; }  // position components per token
 
     int n_embd_q() const { return head_dim * n_head; }
     int n_embd_kv() const { return head_dim * n_head_kv; }
 };
 
-// One decoder block. Biases are null when the file has none (llama has none, qwen2 has q/k/v).
+// One decoder block. Biases are null when the file has none (llama has none, qwen2 and qwen2vl have q/k/v).
 struct Layer {
     ggml_tensor *attn_norm = nullptr;
     ggml_tensor *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;

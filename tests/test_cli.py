@@ -99,3 +99,11 @@ def test_failed_question_leaves_the_conversation(capsys):
         s.ask("second", None)
     assert s.messages == before
     assert capsys.readouterr().out == "ok\n"  # no empty answer line for the refused question
+
+
+def test_image_token_bounds_are_checked(files):
+    r = cmx_chat(files.image, "-m", files.text, "--mmproj", files.mmproj, "-p", "Hi", "--image-max-tokens", "0")
+    assert r.returncode != 0 and "image_max_tokens must be a positive integer" in r.stderr
+    r = cmx_chat(files.image, "-m", files.text, "--mmproj", files.mmproj, "-p", "Hi", "-n", "2", "-t", "2",
+                 "--image-min-tokens", "4", "--image-max-tokens", "64")  # a fixed-size projector: no effect
+    assert r.returncode == 0, r.stderr

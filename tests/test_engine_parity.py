@@ -67,7 +67,7 @@ def check_parity(path, bound_key, n_prompt=160, n_gen=64):
 
 
 @pytest.mark.parametrize("ftype", ["f32", "f16", "q8_0", "q4_0"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2vl"])
 def test_tiny_random_model_matches_llama_cpp(tiny_model_path, arch, ftype):
     check_parity(tiny_model_path(arch, ftype), ftype)
 

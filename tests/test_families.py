@@ -3,7 +3,9 @@ converters write that family (tests/vlm_families.py), against llama-cpp-python (
 and with CoreMatching. One small test per family and check (mlx-lm's tests/test_models.py style).
 
 Families: LLaVA-1.5 (one image chunk), SmolVLM / Idefics3 (tiles and a global image, text tokens
-between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks).
+between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks), Qwen2.5-VL (one chunk
+per image on a 2-D grid of M-RoPE positions, dynamic resolution), Qwen2-VL (the same text side, an
+older vision tower).
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ import llava_tiny as lt
 import vlm_families as vf
 from devices import bound
 from cmx.images import load_image
+from cmx.vision import mrope_positions, prompt_segments
 
 FAMILIES = list(vf.FAMILIES)
 # image tokens mtmd gives each family's test images (tests/vlm_families.py: *_IMAGES)
-IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64]}
+IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64],
+                "qwen25vl": [8 * 6, 5 * 7, 4 * 4], "qwen2vl": [8 * 6, 5 * 7, 4 * 4]}
 # image chunks per image
-IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1]}
+IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "qwen25vl": [1, 1, 1], "qwen2vl": [1, 1, 1]}
+TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "qwen25vl": "qwen2vl", "qwen2vl": "qwen2vl"}
+PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "qwen25vl": "qwen2.5vl_merger",
+             "qwen2vl": "qwen2vl_merger"}
 # the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF); a GPU's (tests/devices.py)
 MAX_ABS_DIFF = bound(1e-4, 2e-2)
 QUESTION = "What is in the picture?"
@@ -59,7 +66,8 @@ def turn(text, *images):
 # ---------------------------------------------------------------- the files
 
 
-@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16")])
+@pytest.mark.parametrize("family,converter", [("smolvlm", "idefics3"), ("llava16", "llava16"), ("qwen25vl", "qwen25vl"),
+                                                 ("qwen2vl", "qwen2vl")])
 def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter):
     """Our gguf-py writer against what llama.cpp's converter wrote for the same tiny model (run once
     here with llama-cpp-python 0.3.36's llama.cpp: convert_hf_to_gguf.py --mmproj --outtype f32 for
@@ -72,11 +80,23 @@ def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter
     assert got["tensors"] == want["tensors"]
 
 
+@pytest.mark.parametrize("family,converter", [("qwen25vl", "qwen2vl"), ("qwen2vl", "qwen2vl")])
+def test_text_model_as_llama_cpps_converter_writes_it(family_pair, family, converter):
+    """The text models of the families whose architecture cmx's own converter does not write
+    (qwen2vl), against convert_hf_to_gguf.py --outtype f32 on the same tiny model: every key, type
+    and value (the tokenizer's long arrays by length and SHA-256), every tensor, in order."""
+    text, _, _ = family_pair(family)
+    want = json.loads((DATA / f"{converter}_text_converter.json").read_text())
+    got = json.loads(json.dumps(vf.text_layout(text)))
+    assert got["keys"] == want["keys"]
+    assert got["tensors"] == want["tensors"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_and_reports(family_pair, family):
     m = model(family_pair(family))
-    assert m.info["arch"] == "llama"
-    assert m.vision.meta["projector_type"] == {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp"}[family]
+    assert m.info["arch"] == TEXT_ARCH[family]
+    assert m.vision.meta["projector_type"] == PROJECTOR[family]
 
 
 # ---------------------------------------------------------------- parity with llama-cpp-python
@@ -109,6 +129,7 @@ def test_chat_matches_llama_cpp(family_pair, family):
     ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=24)
 
     prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in images[:2]])
+    rope_pos = mrope_positions(prompt_segments(prompt.chunks))[0] if m._mrope else None  # M-RoPE: mtmd's grid positions
     rows, embd, chunks_per_image = [], [], {}
     for c in prompt.chunks:
         if hasattr(c, "tokens"):
@@ -119,7 +140,7 @@ def test_chat_matches_llama_cpp(family_pair, family):
             chunks_per_image[c.index] = chunks_per_image.get(c.index, 0) + 1
     prompt.close()
     assert [chunks_per_image[i] for i in range(2)] == IMAGE_CHUNKS[family][:2]
-    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True)
+    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True, rope_pos=rope_pos)
     assert len(rows) == len(ref_logits)
     text_rows = [i for i, r in enumerate(rows) if r >= 0]
     assert [i for i, x in enumerate(ref_logits) if x is not None] == text_rows
@@ -260,3 +281,142 @@ def test_engine_rows_of_a_split_image_are_checked(family_pair):
     r = e.prefill(toks, pos, np.array([4], np.int32), images=[([2, 3, 6, 7], 4, [1])], anchor_row=n - 1, sparsity=sp)
     assert r["kept"] == [[1]]
     assert e.cache_positions(m.info["n_layer"] - 1) == [0, 1, 3, 4, 5, 8, 9, 10, 11]
+
+
+# ---------------------------------------------------------------- Qwen2.5-VL: M-RoPE positions
+
+
+def qwen_prompt_positions(m, messages):
+    """The prompt's items and mtmd's M-RoPE components for each (vision.mrope_positions)."""
+    prompt_text, sources = m._template.prompt(messages, m.vision.marker)
+    prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in sources])
+    try:
+        return prompt_text, mrope_positions(prompt_segments(prompt.chunks)), [(c.nx, c.ny) for c in prompt.chunks if hasattr(c, "nx")]
+    finally:
+        prompt.close()
+
+
+def test_qwen25vl_pruned_tokens_keep_their_positions(family_pair):
+    """CoreMatching on two images: the layers after K hold every text token (<|vision_start|> and
+    <|vision_end|> around each image included) and each image's kept tokens, each with all four
+    position components it had (temporal, row, column of its grid); layers up to K hold all."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    sp = cmx.Sparsity()
+    m = model(pair, sparsity=sp)
+    messages = [turn("Compare the two pictures.", images[0], images[2])]
+    _, (rope, next_pos), grids = qwen_prompt_positions(m, messages)
+    assert grids == [(8, 6), (4, 4)]
+    m.chat(messages, max_tokens=3)
+    st, eng = m.last_stats, m._engine
+    n_prompt = st["n_prompt"]
+    assert len(rope) == n_prompt
+    K = sp.to_core(m.info["n_layer"]).prune_layer
+    assert np.array_equal(eng.cache_rope_positions(K)[:n_prompt], rope)
+    kept_rows = expected_cache_positions(m._cached[:n_prompt], st["kept_image_tokens"])
+    assert len(kept_rows) < n_prompt
+    after = eng.cache_rope_positions(K + 1)
+    assert np.array_equal(after[: len(kept_rows)], rope[kept_rows])
+    # the special tokens around the images stay, and the image rows kept carry their grid cells
+    start, end = m.tokenize("<|vision_start|>", False)[0], m.tokenize("<|vision_end|>", False)[0]
+    items = m._cached[:n_prompt]
+    assert sum(1 for r in kept_rows if items[r] in (start, end)) == 4
+    for im, (nx, ny) in enumerate(grids):
+        first = next(i for i, it in enumerate(items) if isinstance(it, tuple) and it[1] == 0 and sum(
+            1 for x in items[:i] if x == start) == im + 1)
+        t = rope[first][0]
+        for k in st["kept_image_tokens"][im]:
+            assert tuple(rope[first + k]) == (t, t + k // nx, t + k % nx, 0)
+    # mtmd wrote each image between <|vision_start|> and <|vision_end|>, once each
+    runs = [(p, n) for p, n in m.image_spans]
+    assert [(items[p - 1], items[p + n]) for p, n in runs] == [(start, end)] * 2
+    assert sum(1 for it in items if it == start) == 2 and sum(1 for it in items if it == end) == 2
+    # the answer's tokens follow the prompt at mtmd's next text position
+    n_answer = eng.cache_len(0) - n_prompt
+    assert np.array_equal(eng.cache_rope_positions(m.info["n_layer"] - 1)[len(kept_rows):, 0],
+                          np.arange(next_pos, next_pos + n_answer))
+
+
+def test_qwen25vl_pruned_prefill_over_small_batches(family_pair):
+    """The prompt split into 16-row graphs (each graph's rows carry their own position components,
+    before and after the pruning layer) gives the one-graph prefill's choice and logits."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    sp = cmx.Sparsity(neurons=False)
+    whole = model(pair)
+    ref = whole._prefill_chat(messages, sp)
+    split = cmx.Model(pair[0], mmproj=pair[1], n_ctx=4096, n_threads=2, n_batch=16)
+    logits = split._prefill_chat(messages, sp)
+    assert split.last_stats["kept_image_tokens"] == whole.last_stats["kept_image_tokens"]
+    assert np.abs(logits - ref).max() < MAX_ABS_DIFF
+
+
+def test_qwen25vl_second_turn_reuses_the_cache_at_the_right_positions(family_pair):
+    """A second turn evaluated on top of the first turn's cache (its images not re-encoded) gives
+    the logits and answer of the whole conversation evaluated afresh: the text after the cached
+    images continues at mtmd's positions."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    m = model(pair)
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    answer = m.chat(messages, max_tokens=6)
+    messages += [{"role": "assistant", "content": answer}, turn("And the first one?")]
+    n_cached = len(m._cached)
+    reused = m._prefill_chat(messages, None)
+    assert m.last_stats["n_prompt"] < n_cached  # only the new part was evaluated
+    assert m.vision.n_encodes == 2
+    fresh = model(pair)
+    assert np.array_equal(reused, fresh._prefill_chat(messages, None))
+    m.reset()
+    fresh.reset()
+    assert m.chat(messages, max_tokens=8) == fresh.chat(messages, max_tokens=8)
+
+
+def test_qwen25vl_generate_takes_embeddings_with_their_grid(family_pair):
+    """generate() with (embeddings, (nx, ny)) per image: the chat prompt's logits and answer."""
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    m = model(pair)
+    messages = [turn(QUESTION, images[0])]
+    want = m.chat(messages, max_tokens=6)
+    prompt_text, _ = m._template.prompt(messages, m.vision.marker)
+    prompt = m.vision.tokenize(prompt_text, [load_image(images[0])])
+    items = []
+    for c in prompt.chunks:
+        items += c.tokens if hasattr(c, "tokens") else [(m.vision.encode(c), (c.nx, c.ny))]
+    prompt.close()
+    got = m.detokenize(list(m.generate(items, max_tokens=6)))
+    assert got == want
+    embd = next(x for x in items if isinstance(x, tuple))[0]
+    with pytest.raises(ValueError, match="M-RoPE"):  # an image without its grid
+        m.generate([items[0], embd])
+    with pytest.raises(ValueError, match="grid"):
+        m.generate([1, (embd, (5, 5))])
+
+
+def test_qwen25vl_image_token_bounds(family_pair):
+    """image_min_tokens / image_max_tokens reach mtmd: its dynamic resolution resizes each image
+    to a grid within them; bad bounds are refused before anything loads."""
+    pair = family_pair("qwen25vl")
+    text, mmproj, images = pair
+    small = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, image_max_tokens=12)
+    large = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, image_min_tokens=64)
+    image = load_image(images[0])  # 8 x 6 tokens at the default bounds
+    n_small, n_large = len(small.vision.encode_image(image)), len(large.vision.encode_image(image))
+    assert n_small <= 12 < 48 < 64 <= n_large
+    answer = small.chat([turn(QUESTION, images[0])], max_tokens=4)
+    assert small.last_stats["image_tokens"] == [n_small] and isinstance(answer, str)
+    for kw in ({"image_min_tokens": 0}, {"image_max_tokens": -3}, {"image_min_tokens": 50, "image_max_tokens": 20}):
+        with pytest.raises(ValueError, match="image_m"):
+            cmx.Model(text, mmproj=mmproj, n_ctx=256, **kw)
+
+
+def test_rope_pos_only_for_mrope_models(family_pair, tiny_model_path):
+    qwen_text, _, _ = family_pair("qwen25vl")
+    e = cmx.Model(tiny_model_path("llama", "f32"), n_ctx=64)._engine
+    with pytest.raises(ValueError, match="rope_pos"):
+        e.decode(np.array([1, 2], np.int32), np.array([0, 1], np.int32), np.array([1], np.int32), rope_pos=np.zeros((2, 4), np.int32))
+    q = cmx.Model(qwen_text, n_ctx=64)._engine
+    with pytest.raises(ValueError, match="rope_pos must have shape"):
+        q.decode(np.array([1, 2], np.int32), np.array([0, 1], np.int32), np.array([1], np.int32), rope_pos=np.zeros((2, 3), np.int32))

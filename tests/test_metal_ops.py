@@ -138,14 +138,23 @@ def _soft_max(node):
     return _need(mask is None or mask["type"] in F32_F16, f"soft_max mask must be f16 or f32, got {mask and mask['type']}")
 
 
+# rope modes (op_params[2]) and the kernel family the pinned Metal backend picks for each
+# (ggml_metal_library_get_pipeline_rope): norm, neox, multi (M-RoPE, ggml_rope_multi), vision
+ROPE_KERNELS = {0: "norm", 2: "neox", 8: "multi", 40: "multi", 24: "vision"}
+
+
 def _rope(node):
     s0, pos, freq = _src(node, 0), _src(node, 1), _src(node, 2)
-    if s0["type"] not in F32_F16:  # kernel_rope_{norm,neox,...}_{f32,f16}
+    mode = node["params"][2] if node.get("params") else 0
+    if mode not in ROPE_KERNELS:
+        return f"no rope kernel for mode {mode}"
+    if s0["type"] not in F32_F16:  # kernel_rope_{norm,neox,multi,vision}_{f32,f16}
         return f"no rope kernel for {s0['type']}"
     if pos["type"] != "i32":
         return f"rope reads i32 positions, got {pos['type']}"
-    if pos["ne"][0] % s0["ne"][2]:  # asserted: a position per row
-        return "rope needs a position for each row"
+    per_row = 4 if mode & 8 else 1  # M-RoPE and vision: 4 position components per row (asserted)
+    if pos["ne"][0] != per_row * s0["ne"][2]:
+        return f"rope needs {per_row} position(s) for each row"
     return _need(freq is None or freq["type"] == "f32", f"rope frequency factors must be f32, got {freq and freq['type']}")
 
 
@@ -302,14 +311,22 @@ def graph_violations(graphs: list[dict], *, kmax: set[int] | None = None, bfloat
 
 # ---------------------------------------------------------------- the checker can fail
 
-def fake_node(op, type_="f32", *srcs, kind=None, name="x", ne=(64, 8, 1, 1)):
+def fake_node(op, type_="f32", *srcs, kind=None, name="x", ne=(64, 8, 1, 1), params=None):
     def tensor(t):
         if t is None:
             return None
         t = dict(t) if isinstance(t, dict) else {"type": t}
         base = {"name": "s", "ne": ne, "contiguous": True, "contiguous_1": True, "contiguous_rows": True, "transposed": False}
         return {**base, **t}
-    return {**tensor({"type": type_, "name": name}), "op": op, "kind": kind or op, "src": [tensor(s) for s in srcs]}
+    return {**tensor({"type": type_, "name": name}), "op": op, "kind": kind or op, "src": [tensor(s) for s in srcs],
+            "params": list(params or [0] * 16)}
+
+
+def rope_node(mode: int, n_pos: int, freq=None):
+    """A ROPE node of 8 rows ([D, n_head, 8]) in the given mode with n_pos positions."""
+    q = {"type": "f32", "ne": (16, 4, 8, 1)}
+    return fake_node("ROPE", "f32", q, {"type": "i32", "ne": (n_pos, 1, 1, 1)}, *([freq] if freq else []),
+                     ne=(16, 4, 8, 1), params=[0, 16, mode] + [0] * 13)
 
 
 @pytest.mark.parametrize("node, reason", [
@@ -330,7 +347,9 @@ def fake_node(op, type_="f32", *srcs, kind=None, name="x", ne=(64, 8, 1, 1)):
     (fake_node("SOFT_MAX", "f32", "f32", "i32"), "mask must be f16 or f32"),
     (fake_node("SOFT_MAX", "f32", {"type": "f32", "contiguous_rows": False}, "f32"), "contiguous rows"),
     (fake_node("ROPE", "f32", "f32", {"type": "i64", "ne": (8, 1, 1, 1)}), "i32 positions"),
-    (fake_node("ROPE", "f32", "f32", {"type": "i32", "ne": (8, 1, 1, 1)}, "f16"), "frequency factors must be f32"),
+    (rope_node(0, 8, "f16"), "frequency factors must be f32"),
+    (rope_node(8, 8), "4 position(s) for each row"),  # M-RoPE with one position per row
+    (rope_node(4, 8), "no rope kernel for mode 4"),
     (fake_node("CPY", "q4_K", "f32"), "no copy from f32 into q4_K"),
     (fake_node("ADD", "f32", "f32", "f16"), "two F32/F16 sources of one type"),
     (fake_node("UNARY", "f32", "f32", kind="NOT_A_KERNEL"), "has no Metal kernel"),
@@ -347,7 +366,9 @@ def test_the_table_refuses_what_metal_refuses(node, reason):
     fake_node("MUL_MAT", "f32", "q4_K", "f32"),
     fake_node("MUL_MAT", "f32", "f16", "f16", ne=(64, 1, 1, 1)),  # F16 by F16: the vector kernel
     fake_node("SOFT_MAX", "f32", "f32", "f16"),
-    fake_node("ROPE", "f32", "f32", {"type": "i32", "ne": (8, 1, 1, 1)}, "f32"),
+    rope_node(0, 8, "f32"),
+    rope_node(2, 8),
+    rope_node(8, 32),  # ggml_rope_multi (M-RoPE): kernel_rope_multi_f32, 4 positions per row
     fake_node("CONCAT", "q8_0", "q8_0", "q8_0"),
     fake_node("CONT", "f32", "f16"),
 ])
@@ -515,6 +536,8 @@ def features(graphs: list[dict]) -> set[str]:
                 f.add("stage to K")
             if n["op"] == "ROPE" and len(srcs) == 3:
                 f.add("rope factors")
+            if n["op"] == "ROPE" and n["params"][2] == 8:
+                f.add("mrope")
             if n["op"] == "SCALE":
                 f.add("lora")
             if g["call"] == "prefill" and g["layers"][0] > 0:
@@ -534,6 +557,7 @@ MODELS = [  # (name, ftype, write_model options, full run)
     ("llama", "q4_0", {}, True),
     ("llama-k", "q4_k_m", {"base": "llama-k"}, True),
     ("qwen2", "q8_0", {"base": "qwen2"}, True),
+    ("qwen2vl", "q8_0", {"base": "qwen2vl"}, True),
     ("llama-rope-freqs", "q4_1", {"rope_freqs": True}, True),
     ("llama", "f16", {}, False),
     ("llama", "bf16", {}, False),
@@ -550,7 +574,8 @@ MODELS = [  # (name, ftype, write_model options, full run)
 def test_every_graph_runs_on_metal(tmp_path, name, ftype, options, full):
     path, config = write_model(tmp_path, name, ftype, **options)
     graphs, kmax = build_every_graph(path, config.n_embd, full=full)
-    expected = (FULL_RUN if full else WEIGHT_TYPE_RUN) | ({"rope factors"} if options.get("rope_freqs") else set())
+    expected = (FULL_RUN if full else WEIGHT_TYPE_RUN) | ({"rope factors"} if options.get("rope_freqs") else set()) \
+        | ({"mrope"} if options.get("base") == "qwen2vl" else set())
     assert expected <= features(graphs), expected - features(graphs)
     assert graph_violations(graphs, kmax=kmax) == []
 
@@ -597,4 +622,25 @@ def test_chat_graphs_run_on_metal(tiny_llava):
     m.chat(msg[:1], max_tokens=2, sparsity=None)
     graphs = m._engine.recorded_graphs()
     assert {"statistics", "mixed rows", "core decode", "attention row", "kept rows after K"} <= features(graphs)
+    assert graph_violations(graphs) == []
+
+
+def test_qwen25vl_chat_graphs_run_on_metal(tmp_path):
+    """A Qwen2.5-VL pair (qwen2vl text model: M-RoPE) as cmx.Model drives it: two images on their
+    grids, CoreMatching's pruned prefill and core-neuron decode, a second turn, the dense engine."""
+    import vlm_families as vf
+
+    text, mmproj, images = vf.export_qwen25vl_pair(tmp_path)
+    m = cmx.Model(text, mmproj=mmproj, n_ctx=1024, n_threads=1)
+    m._engine.record_graphs(True)
+    image = lambda path: {"type": "image_url", "image_url": {"url": path}}  # noqa: E731
+    msg = [{"role": "user", "content": [image(images[0]), image(images[1]), {"type": "text", "text": "What differs?"}]}]
+    sp = cmx.Sparsity(prune_layer=0, dense_layers=())
+    answer = m.chat(msg, max_tokens=3, sparsity=sp)
+    msg += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And now?"}]
+    m.chat(msg, max_tokens=3, sparsity=sp)
+    m.reset()
+    m.chat(msg[:1], max_tokens=2, sparsity=None)
+    graphs = m._engine.recorded_graphs()
+    assert {"mrope", "statistics", "mixed rows", "core decode", "kept rows after K"} <= features(graphs)
     assert graph_violations(graphs) == []

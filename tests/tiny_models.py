@@ -66,7 +66,7 @@ def quantize_with_llama_cpp(src: str, dst: str, ftype: str) -> str:
 
 @dataclass
 class TinyConfig:
-    arch: str = "llama"  # "llama" or "qwen2"
+    arch: str = "llama"  # "llama", "qwen2" or "qwen2vl"
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4
@@ -77,6 +77,7 @@ class TinyConfig:
     n_ctx_train: int = 2048
     tied_output: bool = True
     seed: int = 0
+    rope_sections: tuple | None = None  # qwen2vl: M-RoPE's rope.dimension_sections
 
     @property
     def head_dim(self) -> int:
@@ -84,7 +85,7 @@ class TinyConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        return self.arch == "qwen2"
+        return self.arch in ("qwen2", "qwen2vl")
 
 
 def _encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -145,6 +146,8 @@ def write_tiny_gguf(path: str, cfg: TinyConfig, ftype: str = "f32", *, overrides
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_dimension_count(D)
+    if cfg.rope_sections:
+        w.add_rope_dimension_sections(list(cfg.rope_sections))
     w.add_vocab_size(n_vocab)
     for name, (value, kind, sub) in tok.items():
         if kind == GGUFValueType.ARRAY:
@@ -172,4 +175,6 @@ ARCH_CONFIGS = {
     "qwen2": TinyConfig(arch="qwen2", n_head_kv=1, n_ff=160, tied_output=False, rope_base=1e6, seed=1),
     # K-quant blocks are 256 wide: every matrix row (n_embd, n_ff) a multiple of 256
     "llama-k": TinyConfig(arch="llama", n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=2),
+    # Qwen2-VL's text model: qwen2 with M-RoPE, the 8 rotary pairs of a 16-wide head in sections 2/3/3
+    "qwen2vl": TinyConfig(arch="qwen2vl", n_ff=160, tied_output=False, rope_base=1e6, rope_sections=(2, 3, 3, 0), seed=3),
 }

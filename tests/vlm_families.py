@@ -241,11 +241,279 @@ def export_llava16_pair(out, text_type: str = "f32"):
     return text, mmproj, _save_images(out, LLAVA16_IMAGES)
 
 
+# ---------------------------------------------------------------------------------------------
+# Qwen2.5-VL
+# ---------------------------------------------------------------------------------------------
+
+from test_chat_templates import QWEN2_VL as QWEN2_VL_TEMPLATE  # noqa: E402
+
+# the special tokens Qwen2-VL's tokenizer has besides ChatML's (mtmd writes the first two around an image)
+QWEN_VL_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# the tiny Qwen2.5-VL: 14 px patches merged 2 x 2 (a token per 28 x 28 px); 4 vision blocks, window
+# attention in blocks 0 and 2 (full attention in 1 and 3: n_wa_pattern 2) over 112 px windows; M-RoPE
+# sections [2, 3, 3] of the 8 rotary pairs of a 16-wide head
+QWEN_VL_PATCH, QWEN_VL_MERGE, QWEN_VL_SECTIONS = 14, 2, [2, 3, 3]
+# images (mtmd resizes each to multiples of 28 px): 8 x 6, 5 x 7 and 4 x 4 token grids
+QWEN_VL_IMAGES = [(224, 168), (140, 196), (112, 112)]
+QWEN_VL_MEAN, QWEN_VL_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def qwen_vl_tokenizer():
+    tok = lt.load_smollm2_tokenizer()  # a byte-level BPE with ChatML's <|im_start|> / <|im_end|>
+    tok.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIAL})
+    tok.chat_template = QWEN2_VL_TEMPLATE
+    return tok
+
+
+def build_tiny_qwen25vl(tok, *, seed: int = 0, text_hidden: int = 64):
+    """A random tiny ``Qwen2_5_VLForConditionalGeneration`` in float32, eval mode."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL}
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=QWEN_VL_PATCH,
+                           temporal_patch_size=2, spatial_merge_size=QWEN_VL_MERGE, out_hidden_size=text_hidden,
+                           window_size=112, fullatt_block_indexes=[1, 3], in_channels=3),
+        text_config=dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": QWEN_VL_SECTIONS}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval().to(torch.float32)
+    lt.randomize(model, seed)
+    return model
+
+
+def export_qwen2vl_text(model, tok, path, *, name: str = "tiny-qwen2.5-vl") -> str:
+    """The text model ``convert_hf_to_gguf.py DIR --outtype f32`` writes for a Qwen2-VL / Qwen2.5-VL
+    checkpoint (its Qwen2VLModel class, llama.cpp of llama-cpp-python 0.3.36): architecture
+    ``qwen2vl``, the keys in the converter's order (``qwen2vl.rope.dimension_sections``: the
+    config's ``mrope_section`` padded with zeros to 4; no ``rope.dimension_count`` or
+    ``attention.key_length``), the tokenizer as its gpt2 vocabulary path writes it, and the
+    tensors in the checkpoint's order (q/k/v with biases). tests/data/families/qwen2vl_text_converter.json
+    holds what the converter wrote for this tiny model."""
+    import gguf
+
+    from cmx.convert.llava import _tokenizer_json
+
+    c = model.config.text_config
+    rope = c.rope_parameters
+    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w.add_type("model")
+    w.add_name(name)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_sections((list(rope["mrope_section"]) + [0, 0, 0, 0])[:4])
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_file_type(0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # the vocabulary as the converter's _set_vocab_gpt2 writes it
+    vocab, added = tok.get_vocab(), {a["id"]: a for a in _tokenizer_json(tok).get("added_tokens", [])}
+    tokens = [f"[PAD{i}]" for i in range(c.vocab_size)]
+    types = [gguf.TokenType.UNUSED] * c.vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = (gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED) if i in added else gguf.TokenType.NORMAL
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in _tokenizer_json(tok)["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_unk_token_id(tok.unk_token_id)
+    w.add_pad_token_id(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    w.add_chat_template(tok.chat_template)
+    lm = model.model.language_model
+    tensors = [("output.weight", model.lm_head.weight), ("token_embd.weight", lm.embed_tokens.weight)]
+    for il, layer in enumerate(lm.layers):  # the checkpoint's (sorted) order of HF names
+        p, att, mlp = f"blk.{il}.", layer.self_attn, layer.mlp
+        tensors += [
+            (p + "attn_norm.weight", layer.input_layernorm.weight), (p + "ffn_down.weight", mlp.down_proj.weight),
+            (p + "ffn_gate.weight", mlp.gate_proj.weight), (p + "ffn_up.weight", mlp.up_proj.weight),
+            (p + "ffn_norm.weight", layer.post_attention_layernorm.weight),
+            (p + "attn_k.bias", att.k_proj.bias), (p + "attn_k.weight", att.k_proj.weight),
+            (p + "attn_output.weight", att.o_proj.weight), (p + "attn_q.bias", att.q_proj.bias),
+            (p + "attn_q.weight", att.q_proj.weight), (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
+        ]
+    tensors.append(("output_norm.weight", lm.norm.weight))
+    for tname, t in tensors:
+        w.add_tensor(tname, _f32(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_qwen25vl_mmproj(model, path, *, name: str = "tiny-qwen2.5-vl") -> str:
+    """The mmproj ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` writes for Qwen2.5-VL (its
+    Qwen2VLVisionModel class): projector type ``qwen2.5vl_merger``, ``clip.use_silu``,
+    ``clip.vision.n_wa_pattern`` (fullatt_block_indexes[0] + 1), ``clip.vision.image_size`` 560 (the
+    converter's default: the config has none), the processor's mean/std; the fused qkv split into
+    attn_q/k/v, the Conv3D patch embedding split into its two time slices (``v.patch_embd.weight``
+    and ``.weight.1``), the merger as ``v.post_ln`` (RMS norm) and ``mm.0`` / ``mm.2``.
+    tests/data/families/qwen25vl_mmproj_converter.json holds what the converter wrote."""
+    import gguf
+
+    v = model.config.vision_config
+    vis = model.model.visual
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type("mmproj")
+    w.add_name(name)
+    w.add_file_type(0)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", model.config.text_config.hidden_size)
+    w.add_uint32("clip.vision.image_size", 560)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.block_count", v.depth)
+    w.add_uint32("clip.vision.attention.head_count", v.num_heads)
+    w.add_array("clip.vision.image_mean", list(QWEN_VL_MEAN))
+    w.add_array("clip.vision.image_std", list(QWEN_VL_STD))
+    w.add_string("clip.projector_type", "qwen2.5vl_merger")
+    w.add_bool("clip.use_silu", True)
+    w.add_uint32("clip.vision.n_wa_pattern", v.fullatt_block_indexes[0] + 1)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)  # the converter's default: the config has no rms_norm_eps
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tensors = []
+    for il, blk in enumerate(vis.blocks):  # the checkpoint's (sorted) order, qkv split in place
+        p, att, mlp = f"v.blk.{il}.", blk.attn, blk.mlp
+        qkv_w, qkv_b = att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)
+        tensors += [(p + "attn_out.bias", att.proj.bias), (p + "attn_out.weight", att.proj.weight),
+                    (p + "attn_q.bias", qkv_b[0]), (p + "attn_k.bias", qkv_b[1]), (p + "attn_v.bias", qkv_b[2]),
+                    (p + "attn_q.weight", qkv_w[0]), (p + "attn_k.weight", qkv_w[1]), (p + "attn_v.weight", qkv_w[2]),
+                    (p + "ffn_down.bias", mlp.down_proj.bias), (p + "ffn_down.weight", mlp.down_proj.weight),
+                    (p + "ffn_gate.bias", mlp.gate_proj.bias), (p + "ffn_gate.weight", mlp.gate_proj.weight),
+                    (p + "ffn_up.bias", mlp.up_proj.bias), (p + "ffn_up.weight", mlp.up_proj.weight),
+                    (p + "ln1.weight", blk.norm1.weight), (p + "ln2.weight", blk.norm2.weight)]
+    merger = vis.merger
+    tensors += [("v.post_ln.weight", merger.ln_q.weight), ("mm.0.bias", merger.mlp[0].bias), ("mm.0.weight", merger.mlp[0].weight),
+                ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
+    patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
+    tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
+    for tname, t in tensors:
+        w.add_tensor(tname, _f32(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def build_tiny_qwen2vl(tok, *, seed: int = 0, text_hidden: int = 64):
+    """A random tiny ``Qwen2VLForConditionalGeneration`` (Qwen2-VL: LayerNorm and quick-GELU vision
+    blocks, no window attention; 3 blocks, the fewest the converter maps) in float32, eval mode."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL}
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=text_hidden, mlp_ratio=2, num_heads=2, patch_size=QWEN_VL_PATCH,
+                           temporal_patch_size=2, spatial_merge_size=QWEN_VL_MERGE, in_channels=3),
+        text_config=dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": QWEN_VL_SECTIONS}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval().to(torch.float32)
+    lt.randomize(model, seed)
+    return model
+
+
+def export_qwen2vl_mmproj(model, path, *, name: str = "tiny-qwen2-vl") -> str:
+    """The mmproj ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` writes for Qwen2-VL (its
+    Qwen2VLVisionModel class): projector type ``qwen2vl_merger``, no ``clip.use_silu`` or
+    ``n_wa_pattern``; ``clip.vision.embedding_length`` is the config's ``embed_dim`` and
+    ``feed_forward_length`` its ``hidden_size`` (the converter's renaming), the blocks' LayerNorms
+    with biases, ``mlp.fc1`` / ``fc2`` as ``ffn_up`` / ``ffn_down``, the merger's LayerNorm as
+    ``v.post_ln``. tests/data/families/qwen2vl_mmproj_converter.json holds what the converter wrote."""
+    import gguf
+
+    v = model.config.vision_config
+    vis = model.model.visual
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type("mmproj")
+    w.add_name(name)
+    w.add_file_type(0)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", model.config.text_config.hidden_size)
+    w.add_uint32("clip.vision.image_size", 560)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.embed_dim)
+    w.add_uint32("clip.vision.feed_forward_length", v.hidden_size)
+    w.add_uint32("clip.vision.block_count", v.depth)
+    w.add_uint32("clip.vision.attention.head_count", v.num_heads)
+    w.add_array("clip.vision.image_mean", list(QWEN_VL_MEAN))
+    w.add_array("clip.vision.image_std", list(QWEN_VL_STD))
+    w.add_string("clip.projector_type", "qwen2vl_merger")
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tensors = []
+    for il, blk in enumerate(vis.blocks):
+        p, att, mlp = f"v.blk.{il}.", blk.attn, blk.mlp
+        qkv_w, qkv_b = att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)
+        tensors += [(p + "attn_out.bias", att.proj.bias), (p + "attn_out.weight", att.proj.weight),
+                    (p + "attn_q.bias", qkv_b[0]), (p + "attn_k.bias", qkv_b[1]), (p + "attn_v.bias", qkv_b[2]),
+                    (p + "attn_q.weight", qkv_w[0]), (p + "attn_k.weight", qkv_w[1]), (p + "attn_v.weight", qkv_w[2]),
+                    (p + "ffn_up.bias", mlp.fc1.bias), (p + "ffn_up.weight", mlp.fc1.weight),
+                    (p + "ffn_down.bias", mlp.fc2.bias), (p + "ffn_down.weight", mlp.fc2.weight),
+                    (p + "ln1.bias", blk.norm1.bias), (p + "ln1.weight", blk.norm1.weight),
+                    (p + "ln2.bias", blk.norm2.bias), (p + "ln2.weight", blk.norm2.weight)]
+    merger = vis.merger
+    tensors += [("v.post_ln.bias", merger.ln_q.bias), ("v.post_ln.weight", merger.ln_q.weight),
+                ("mm.0.bias", merger.mlp[0].bias), ("mm.0.weight", merger.mlp[0].weight),
+                ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
+    patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
+    tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
+    for tname, t in tensors:
+        w.add_tensor(tname, _f32(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_qwen2vl_pair(out, text_type: str = "f32"):
+    tok = qwen_vl_tokenizer()
+    model = build_tiny_qwen2vl(tok)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = export_qwen2vl_text(model, tok, out / "tiny-qwen2vl.gguf", name="tiny-qwen2-vl")
+    mmproj = export_qwen2vl_mmproj(model, out / "mmproj-tiny-qwen2vl.gguf")
+    return text, mmproj, _save_images(out, QWEN_VL_IMAGES)
+
+
+def export_qwen25vl_pair(out, text_type: str = "f32"):
+    tok = qwen_vl_tokenizer()
+    model = build_tiny_qwen25vl(tok)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = export_qwen2vl_text(model, tok, out / "tiny-qwen25vl.gguf")
+    mmproj = export_qwen25vl_mmproj(model, out / "mmproj-tiny-qwen25vl.gguf")
+    return text, mmproj, _save_images(out, QWEN_VL_IMAGES)
+
+
 def export_llava15_pair(out, text_type: str = "f32"):
     return lt.export_tiny_pair(Path(out), text_type=text_type, mmproj_type="f32", n_images=3)
 
 
-FAMILIES = {"llava15": export_llava15_pair, "smolvlm": export_smolvlm_pair, "llava16": export_llava16_pair}
+FAMILIES = {"llava15": export_llava15_pair, "smolvlm": export_smolvlm_pair, "llava16": export_llava16_pair,
+            "qwen25vl": export_qwen25vl_pair, "qwen2vl": export_qwen2vl_pair}
 
 
 def gguf_layout(path) -> dict:
@@ -262,6 +530,19 @@ def gguf_layout(path) -> dict:
     keys = [[k, [t.name for t in f.types], rounded(f.contents())] for k, f in r.fields.items()
             if not k.startswith("GGUF.") and k not in ("general.name", "general.size_label")]
     return {"keys": keys, "tensors": [[t.name, t.tensor_type.name, [int(s) for s in t.shape]] for t in r.tensors]}
+
+
+def text_layout(path) -> dict:
+    """gguf_layout of a text model, its arrays of more than 64 entries (the tokenizer's tokens,
+    types and merges) as ["sha256", length, digest of their JSON]."""
+    import hashlib
+    import json
+
+    layout = gguf_layout(path)
+    for k in layout["keys"]:
+        if isinstance(k[2], list) and len(k[2]) > 64:
+            k[2] = ["sha256", len(k[2]), hashlib.sha256(json.dumps(k[2]).encode()).hexdigest()]
+    return layout
 
 
 def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096, with_text=False):
@@ -305,8 +586,8 @@ def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen,
             new_n_past = llama_cpp.llama_pos(0)
             assert M.mtmd_helper_eval_chunk_single(ctx, ref._ctx.ctx, chunk, ref.n_tokens, 0, 512, False,
                                                    ctypes.byref(new_n_past)) == 0
-            logits.extend([None] * (new_n_past.value - ref.n_tokens))
-            ref.n_tokens = new_n_past.value
+            logits.extend([None] * M.mtmd_input_chunk_get_n_tokens(chunk))
+            ref.n_tokens = new_n_past.value  # the next text position (M-RoPE: past max(rows, columns) of the image)
     last = logits[-1]
     out = []
     vocab = llama_cpp.llama_model_get_vocab(ref.model)

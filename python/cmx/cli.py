@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--image-min-tokens", type=int, default=None, metavar="N",
+                   help="dynamic-resolution projectors (Qwen2-VL / Qwen2.5-VL): at least N tokens per image")
+    p.add_argument("--image-max-tokens", type=int, default=None, metavar="N",
+                   help="dynamic-resolution projectors (Qwen2-VL / Qwen2.5-VL): at most N tokens per image")
     g = p.add_argument_group("CoreMatching (on by default)")
     g.add_argument("--dense", action="store_true", help="run the dense model: no token pruning, no core neurons")
     g.add_argument("--no-token-pruning", action="store_true", help="keep every image token (core neurons only)")
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
         if args.lora and not os.path.exists(args.lora):
             return fail(f"LoRA adapter not found: {args.lora}")
         model = cmx.Model(args.model, mmproj=args.mmproj, n_ctx=args.ctx_size, n_threads=args.threads, sparsity=sparsity,
-                          lora=args.lora, lora_scale=args.lora_scale)
+                          lora=args.lora, lora_scale=args.lora_scale, image_min_tokens=args.image_min_tokens,
+                          image_max_tokens=args.image_max_tokens)
         if image is not None and model.vision is None:
             return fail("this model has no vision projector: pass --mmproj")
         session = Session(model, args)

@@ -18,7 +18,7 @@ from .images import ImageError
 from .sampling import check_sampling_params, sample
 from . import selection
 from .sparsity import Sparsity
-from .vision import ImageChunk, VisionEncoder, VisionModelError
+from .vision import ImageChunk, VisionEncoder, VisionModelError, mrope_positions, prompt_segments
 from .vocab import Vocab
 
 __all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError", "Sparsity", "ProfileError"]
@@ -102,7 +102,7 @@ class _GuardedStream:
 
 
 class Model:
-    """A llama / qwen2 GGUF model on the cmx decoder graph, with an optional mmproj for images.
+    """A llama / qwen2 / qwen2vl GGUF model on the cmx decoder graph, with an optional mmproj for images.
 
     With no path, the embedded default model: SmolLM2-135M-Instruct and the cmx demo projector.
 
@@ -115,6 +115,9 @@ class Model:
     sparsity: CoreMatching settings for every call (a cmx.Sparsity), or None for the dense engine
     (bit-identical to llama.cpp); chat and generate take a per-call sparsity= too. After each call
     `last_stats` says what happened (kept image tokens, core neurons, timings).
+    image_min_tokens, image_max_tokens: bounds on the tokens of one image for projectors with
+    dynamic resolution (Qwen2-VL / Qwen2.5-VL: mtmd resizes each image to a token grid within them;
+    None: the projector's defaults, 8 and 4096); fixed-size projectors ignore them.
     device: "auto" runs the model and the image encoder on the GPU of the ggml that llama-cpp-python
     installed when it has one (Metal, CUDA...), else on the CPU; "cpu" on the CPU; "gpu" on the GPU
     (ModelLoadError without one). `info["device"]` names the one in use.
@@ -131,6 +134,8 @@ class Model:
         lora: str | os.PathLike | None = None,
         lora_scale: float = 1.0,
         device: str = "auto",
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = None,
     ):
         if path is None:
             path = default_text_model()
@@ -143,6 +148,11 @@ class Model:
         _positive_int("n_batch", n_batch)
         if n_threads is not None:
             _positive_int("n_threads", n_threads)
+        for name, value in (("image_min_tokens", image_min_tokens), ("image_max_tokens", image_max_tokens)):
+            if value is not None:
+                _positive_int(name, value)
+        if image_min_tokens is not None and image_max_tokens is not None and image_min_tokens > image_max_tokens:
+            raise ValueError(f"image_min_tokens ({image_min_tokens}) exceeds image_max_tokens ({image_max_tokens})")
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         self.sparsity = _check_sparsity(sparsity)
@@ -165,8 +175,12 @@ class Model:
                 f"tokenizer has {self._vocab.n_vocab} tokens but the weights have {self._engine.info['n_vocab']}"
             )
         self.mmproj = os.fspath(mmproj) if mmproj is not None else None
+        # M-RoPE (qwen2vl): every row has 4 position components, and an image moves the text
+        # position on by max(rows, columns) of its grid, not its token count (vision.mrope_positions)
+        self._mrope = self._engine.info["rope_sections"] is not None
         self._vision = (
-            VisionEncoder(self.mmproj, self._vocab, self.info["n_embd"], self._engine.n_threads, use_gpu=on_gpu)
+            VisionEncoder(self.mmproj, self._vocab, self.info["n_embd"], self._engine.n_threads, use_gpu=on_gpu,
+                          text_mrope=self._mrope, image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
             if self.mmproj else None
         )
         self._template = ChatTemplate(
@@ -174,6 +188,7 @@ class Model:
         )
         self._cached: list = []  # what the KV cache holds: token ids and (image digest, row) pairs
         self._exact = 0  # how many of them a dense-FFN evaluation cached (tokens decoded sparsely are not)
+        self._next_pos = 0  # M-RoPE: the text position of the next token (differs from len(_cached) after images)
         self._image_embd = EmbeddingCache()
         self.last_stats: dict = {}
         self._guard = _CallGuard()
@@ -244,15 +259,18 @@ class Model:
             self._engine.set_ffn_neurons([])
             self._cached = []
             self._exact = 0
+            self._next_pos = 0
         finally:
             self._guard.release()
 
     def _resolve_sparsity(self, sparsity) -> Sparsity | None:
         return self.sparsity if sparsity is _MODEL_DEFAULT else _check_sparsity(sparsity)
 
-    def _prefill(self, rows: np.ndarray, embd, start: int, images: list, anchor_row: int, sparsity: Sparsity | None) -> np.ndarray:
+    def _prefill(self, rows: np.ndarray, embd, start: int, images: list, anchor_row: int, sparsity: Sparsity | None,
+                 rope_pos: np.ndarray | None = None) -> np.ndarray:
         """Evaluates rows (token ids, -1 for embedding rows) at positions start.. on top of the
         cache with CoreMatching or dense, records last_stats, and returns the last row's logits.
+        rope_pos: M-RoPE models, each row's position components [n, 4] (None: text rows at start..).
         images: per image, its (first row, n_rows) segments among the rows: one, or one per image
         chunk where text stands between its chunks (SmolVLM's tiles). CoreMatching prunes each
         image as one unit, its text rows untouched."""
@@ -272,7 +290,7 @@ class Model:
                 spans[i] = (where[i], count, keep) if groups is None else (where[i], count, keep, groups)
         select_ms = (time.perf_counter() - t_select) * 1e3  # selections made here; the engine adds its own
         r = self._engine.prefill(rows, np.arange(start, start + n, dtype=np.int32), np.array([n - 1], np.int32), embd,
-                                 images=spans, anchor_row=anchor_row, sparsity=sp)
+                                 images=spans, anchor_row=anchor_row, sparsity=sp, rope_pos=rope_pos)
         self.last_stats.update(
             prefill_ms=(time.perf_counter() - t0) * 1e3,
             n_prompt=n,
@@ -294,9 +312,11 @@ class Model:
             raise ValueError(f"prompt too long: {arr.size} tokens exceed n_ctx={self.n_ctx}")
         return arr.astype(np.int32)
 
-    def _eval(self, tokens: np.ndarray, embd: np.ndarray | None, start: int, all_logits: bool = False) -> np.ndarray:
+    def _eval(self, tokens: np.ndarray, embd: np.ndarray | None, start: int, all_logits: bool = False,
+              rope_pos: np.ndarray | None = None) -> np.ndarray:
         """Evaluates rows (token ids, -1 for embedding rows) at positions start.. on top of the
-        cache, one n_batch graph at a time; logits of every row or of the last one."""
+        cache, one n_batch graph at a time; logits of every row or of the last one. rope_pos:
+        M-RoPE models, each row's position components [n, 4] (None: text rows at start..)."""
         step = self._engine.n_batch
         out, e = [], 0
         for b in range(0, len(tokens), step):
@@ -307,7 +327,8 @@ class Model:
             pos = np.arange(start + b, start + b + len(chunk), dtype=np.int32)
             last = b + step >= len(tokens)
             rows = np.arange(len(chunk), dtype=np.int32) if all_logits else np.array([len(chunk) - 1] if last else [], np.int32)
-            out.append(self._engine.decode(chunk, pos, rows, embd=rows_embd))
+            out.append(self._engine.decode(chunk, pos, rows, embd=rows_embd,
+                                           rope_pos=None if rope_pos is None else rope_pos[b : b + step]))
         return np.concatenate(out, axis=0)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -319,6 +340,7 @@ class Model:
             logits = self._eval(arr, None, 0, all_logits=True)
             self._cached = arr.tolist()
             self._exact = len(self._cached)
+            self._next_pos = len(self._cached)
             return logits
         finally:
             self._guard.release()
@@ -337,42 +359,64 @@ class Model:
         at max_tokens, or at n_ctx. Greedy when temperature is 0.
 
         prompt: token ids, and 2-D float arrays [n, n_embd] of image embeddings where images stand
-        (each array is one image for CoreMatching). The anchor score's token is the last one."""
-        rows, embd, images = self._prompt_rows(prompt)
+        (each array is one image for CoreMatching). M-RoPE models (qwen2vl) need each image's token
+        grid: an image is then (array, (nx, ny)), its n = nx * ny tokens row by row. The anchor
+        score's token is the last one."""
+        rows, embd, images, segments = self._prompt_rows(prompt)
         self._check_generation(max_tokens, temperature, top_k, top_p)
         sparsity = self._resolve_sparsity(sparsity)
         self._guard.acquire()  # held by the returned stream until it ends
         try:
             self.reset()
             self.last_stats = {"encode_ms": 0.0}
-            logits = self._prefill(rows, embd, 0, [[im] for im in images], len(rows) - 1, sparsity)
+            rope_pos, next_pos = mrope_positions(segments) if self._mrope else (None, len(rows))
+            logits = self._prefill(rows, embd, 0, [[im] for im in images], len(rows) - 1, sparsity, rope_pos)
             self._cached = [int(t) if t >= 0 else ("embd", i) for i, t in enumerate(rows)]
             self._exact = len(self._cached)
+            self._next_pos = next_pos
         except BaseException:
             self._guard.release()
             raise
         return _GuardedStream(self._decode_loop(logits, max_tokens, temperature, top_k, top_p, seed), self._guard)
 
-    def _prompt_rows(self, prompt) -> tuple[np.ndarray, np.ndarray | None, list]:
+    def _prompt_rows(self, prompt) -> tuple[np.ndarray, np.ndarray | None, list, list]:
+        """rows (token ids, -1 for embedding rows), the embeddings, each image's (first row, n),
+        and the prompt's mrope_positions segments."""
         if isinstance(prompt, np.ndarray) and prompt.ndim == 1:
             prompt = prompt.tolist()
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
             raise ValueError("the prompt must be a non-empty sequence of token ids and image embedding arrays")
-        rows, parts, images = [], [], []
+        rows, parts, images, segments = [], [], [], []
         for item in prompt:
+            grid = None
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], np.ndarray):
+                item, grid = item
+                if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                        or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0 for g in grid)):
+                    raise ValueError(f"an image's grid must be (nx, ny), two positive integers, got {grid!r}")
             if isinstance(item, np.ndarray) and item.ndim == 2:
                 if item.shape[1] != self.info["n_embd"] or item.shape[0] == 0:
                     raise ValueError(f"image embeddings must have shape (n, n_embd={self.info['n_embd']}), got {item.shape}")
+                if grid is not None and grid[0] * grid[1] != item.shape[0]:
+                    raise ValueError(f"an image's grid {tuple(grid)} holds {grid[0] * grid[1]} tokens, its embeddings {item.shape[0]}")
+                if grid is None and self._mrope:
+                    raise ValueError("this model places image tokens on a 2-D grid (M-RoPE): give each image as "
+                                     "(embeddings, (nx, ny))")
                 images.append((len(rows), item.shape[0]))
                 rows.extend([-1] * item.shape[0])
                 parts.append(np.asarray(item, np.float32))
+                segments.append(tuple(grid) if grid is not None else (item.shape[0], 1))
             else:
                 rows.append(item)
+                if segments and isinstance(segments[-1], int):
+                    segments[-1] += 1
+                else:
+                    segments.append(1)
         token_rows = [t for t in rows if t != -1] or [0]
         self._check_tokens(token_rows)
         if len(rows) > self.n_ctx:
             raise ValueError(f"prompt too long: {len(rows)} tokens exceed n_ctx={self.n_ctx}")
-        return np.asarray(rows, np.int32), (np.concatenate(parts) if parts else None), images
+        return np.asarray(rows, np.int32), (np.concatenate(parts) if parts else None), images, segments
 
     @staticmethod
     def _check_generation(max_tokens, temperature, top_k, top_p) -> None:
@@ -396,7 +440,10 @@ class Model:
             if n_past >= self.n_ctx:
                 return
             t0 = time.perf_counter()
-            logits = self._engine.decode(np.array([token], np.int32), np.array([n_past], np.int32), zero)[0]
+            p = self._next_pos
+            rope_pos = np.array([[p, p, p, 0]], np.int32) if self._mrope else None
+            logits = self._engine.decode(np.array([token], np.int32), np.array([n_past], np.int32), zero, rope_pos=rope_pos)[0]
+            self._next_pos += 1
             stats["decode_ms"] += (time.perf_counter() - t0) * 1e3
             stats["n_eval"] += 1
             self._cached.append(token)
@@ -503,13 +550,18 @@ class Model:
                     new_images.append([(first - keep, chunk.n_tokens) for first, chunk in parts])
             embd = np.concatenate(embd_parts).astype(np.float32) if embd_parts else None
             anchor_row = max(0, len(items) - self._anchor_offset(messages) - keep)
+            rope_pos, next_pos = None, len(items)
+            if self._mrope and chunks is not None:  # the whole prompt's positions; the cached prefix has its own already
+                rope_pos, next_pos = mrope_positions(prompt_segments(chunks))
+                rope_pos = rope_pos[keep:]
             try:
-                logits = self._prefill(rows, embd, keep, new_images, anchor_row, sparsity)
+                logits = self._prefill(rows, embd, keep, new_images, anchor_row, sparsity, rope_pos)
             except BaseException:
                 self.reset()  # the cache may hold part of the prompt: start clean next time
                 raise
             self._cached = list(items)
             self._exact = len(items)
+            self._next_pos = next_pos
             return logits
         finally:
             if prompt is not None:

@@ -36,16 +36,49 @@ class TextChunk:
 
 @dataclass
 class ImageChunk:
-    """One image chunk of a prompt. mtmd gives an image as one chunk (LLaVA-1.5), or as several: the
-    slices and the overview of LLaVA-1.6 (adjacent), SmolVLM's tiles and global image (with text
-    tokens between them). `index`: which image of the prompt it belongs to; `offset`: its first
-    row among that image's embedding rows (all chunks of the image, in prompt order)."""
+    """One image chunk of a prompt. mtmd gives an image as one chunk (LLaVA-1.5, Qwen2-VL), or as
+    several: the slices and the overview of LLaVA-1.6 (adjacent), SmolVLM's tiles and global image
+    (with text tokens between them). `index`: which image of the prompt it belongs to; `offset`:
+    its first row among that image's embedding rows (all chunks of the image, in prompt order).
+    `nx`, `ny`: its token grid (columns, rows; tokens run row by row); `n_pos`: how far it moves
+    the text position on (n_tokens, or max(nx, ny) for M-RoPE models)."""
 
     image: RGBImage
     n_tokens: int
     _chunk: object = field(repr=False, default=None)  # mtmd_input_chunk_p, valid while its Prompt lives
     index: int = 0
     offset: int = 0
+    nx: int = 0
+    ny: int = 0
+    n_pos: int = 0
+
+
+def mrope_positions(segments, start: int = 0) -> tuple[np.ndarray, int]:
+    """M-RoPE position components (temporal, row, column, unused) of a sequence, as the pinned
+    llama.cpp and mtmd give them, and the text position that follows it. `segments`: in order,
+    ints (that many text tokens) and (nx, ny) grids (an image's tokens, row by row).
+
+    A text token at position p is (p, p, p, 0), p counting on by one; an image starting at p has
+    token i at (p, p + i // nx, p + i % nx, 0), and the text after it starts at p + max(nx, ny)
+    (mtmd_image_tokens_get_decoder_pos, mtmd_image_tokens_get_n_pos)."""
+    parts, p = [], start
+    for seg in segments:
+        if isinstance(seg, (int, np.integer)):
+            t = np.arange(p, p + int(seg), dtype=np.int32)
+            parts.append(np.stack([t, t, t, np.zeros_like(t)], axis=1))
+            p += int(seg)
+        else:
+            nx, ny = int(seg[0]), int(seg[1])
+            i = np.arange(nx * ny, dtype=np.int32)
+            parts.append(np.stack([np.full_like(i, p), p + i // nx, p + i % nx, np.zeros_like(i)], axis=1))
+            p += max(nx, ny)
+    rows = np.concatenate(parts) if parts else np.zeros((0, 4), np.int32)
+    return rows.astype(np.int32), p
+
+
+def prompt_segments(chunks: list) -> list:
+    """mrope_positions' segments of a prompt's chunks."""
+    return [len(c.tokens) if isinstance(c, TextChunk) else (c.nx, c.ny) for c in chunks]
 
 
 class Prompt:
@@ -514,7 +547,8 @@ def inspect_mmproj(path: str) -> dict:
 class VisionEncoder:
     """An mmproj loaded by mtmd, bound to a text model's vocabulary. Owns the mtmd context."""
 
-    def __init__(self, mmproj_path: str, vocab, n_embd: int, n_threads: int = 0, use_gpu: bool = True):
+    def __init__(self, mmproj_path: str, vocab, n_embd: int, n_threads: int = 0, use_gpu: bool = True,
+                 text_mrope: bool = False, image_min_tokens: int | None = None, image_max_tokens: int | None = None):
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
@@ -538,13 +572,22 @@ class VisionEncoder:
         # the encoder's attention as llama-cpp-python runs it (its MTMD handler follows its Llama's
         # flash_attn=False default); mtmd's own default (auto: flash on CPU) rounds differently
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # dynamic resolution's bounds on an image's tokens (mtmd's image_min_tokens / image_max_tokens;
+        # -1: the projector's defaults, 8 and 4096 for Qwen2-VL / Qwen2.5-VL)
+        params.image_min_tokens = -1 if image_min_tokens is None else image_min_tokens
+        params.image_max_tokens = -1 if image_max_tokens is None else image_max_tokens
         self._ctx = mtmd_cpp.mtmd_init_from_file(self.path.encode(), vocab.llama_model, params)
         if not self._ctx:
             raise VisionModelError(f"llama.cpp's mtmd could not load {self.path}")
         if not mtmd_cpp.mtmd_support_vision(self._ctx):
             raise VisionModelError(f"{self.path} does not support images")
-        if mtmd_cpp.mtmd_decode_use_mrope(self._ctx):
-            raise VisionModelError(f"{self.path}: models with M-RoPE image positions are not supported yet")
+        # mtmd lays images out by the text model's RoPE: on their token grid for M-RoPE models
+        # (mrope_positions), one position per token otherwise, whatever the projector
+        self.use_mrope = bool(mtmd_cpp.mtmd_decode_use_mrope(self._ctx))
+        if self.use_mrope != text_mrope:  # cmx and llama.cpp disagree on the text model's RoPE
+            self.close()
+            raise VisionModelError(f"{self.path}: mtmd's image positions ({'M-RoPE' if self.use_mrope else 'one per token'}) "
+                                   "do not fit the text model's RoPE")
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
 
     def close(self) -> None:
@@ -587,13 +630,18 @@ class VisionEncoder:
                     chunks.append(TextChunk([int(ptr[j]) for j in range(n.value)]))
                 elif kind == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     n_tokens = int(M.mtmd_input_chunk_get_n_tokens(chunk))
-                    if int(M.mtmd_input_chunk_get_n_pos(chunk)) != n_tokens:
-                        raise VisionModelError("image chunks whose positions differ from their token count are not supported")
+                    n_pos = int(M.mtmd_input_chunk_get_n_pos(chunk))
+                    tokens_image = M.mtmd_input_chunk_get_tokens_image(chunk)
+                    nx, ny = int(M.mtmd_image_tokens_get_nx(tokens_image)), int(M.mtmd_image_tokens_get_ny(tokens_image))
+                    # the layouts mrope_positions reproduces: one position per token, or a grid
+                    if n_pos != (max(nx, ny) if self.use_mrope else n_tokens) or (self.use_mrope and nx * ny != n_tokens):
+                        raise VisionModelError(f"mtmd gave an image chunk of {n_tokens} tokens ({nx} x {ny}) taking {n_pos} "
+                                               "positions: a layout cmx does not support")
                     cid = M.mtmd_input_chunk_get_id(chunk)
                     index = int(cid.decode()) if cid else -1
                     if not 0 <= index < len(images):
                         raise VisionModelError(f"mtmd gave an image chunk of no known image (id {cid!r})")
-                    chunks.append(ImageChunk(images[index], n_tokens, chunk, index, rows_of[index]))
+                    chunks.append(ImageChunk(images[index], n_tokens, chunk, index, rows_of[index], nx, ny, n_pos))
                     rows_of[index] += n_tokens
                 else:
                     raise ValueError("only text and image inputs are supported")
