@@ -3,7 +3,8 @@ converters write that family (tests/vlm_families.py), against llama-cpp-python (
 and with CoreMatching. One small test per family and check (mlx-lm's tests/test_models.py style).
 
 Families: LLaVA-1.5 (one image chunk), SmolVLM / Idefics3 (tiles and a global image, text tokens
-between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks).
+between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks), Gemma 3 (the gemma3 text
+model: sliding-window layers, image rows attending to their whole image).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from cmx.images import load_image
 
 FAMILIES = list(vf.FAMILIES)
 # image tokens mtmd gives each family's test images (tests/vlm_families.py: *_IMAGES)
-IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64]}
+IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64], "gemma3": [64, 64, 64]}
 # image chunks per image
-IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1]}
+IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "gemma3": [1, 1, 1]}
+TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "gemma3": "gemma3"}
+PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "gemma3": "gemma3"}
 # the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF)
 MAX_ABS_DIFF = 1e-4
 QUESTION = "What is in the picture?"
@@ -71,11 +74,23 @@ def test_mmproj_as_llama_cpps_converter_writes_it(family_pair, family, converter
     assert got["tensors"] == want["tensors"]
 
 
+def test_gemma3_files_as_llama_cpps_converter_writes_them(family_pair):
+    """Both files of the tiny Gemma 3 against what ``convert_hf_to_gguf.py`` (its Gemma3Model and
+    Gemma3VisionModel) wrote for the same model, --outtype f32: every key, type and value (the
+    vocabulary arrays by length and hash), every tensor name, type and shape, in order."""
+    text, mmproj, _ = family_pair("gemma3")
+    want = json.loads((DATA / "gemma3.json").read_text())
+    for what, path in (("text", text), ("mmproj", mmproj)):
+        got = json.loads(json.dumps(vf.gguf_layout(path, summarize_over=64)))
+        assert got["keys"] == want[what]["keys"], what
+        assert got["tensors"] == want[what]["tensors"], what
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_and_reports(family_pair, family):
     m = model(family_pair(family))
-    assert m.info["arch"] == "llama"
-    assert m.vision.meta["projector_type"] == {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp"}[family]
+    assert m.info["arch"] == TEXT_ARCH[family]
+    assert m.vision.meta["projector_type"] == PROJECTOR[family]
 
 
 # ---------------------------------------------------------------- parity with llama-cpp-python
