@@ -274,3 +274,105 @@ def test_engine_rows_of_a_split_image_are_checked(family_pair):
     r = e.prefill(toks, pos, np.array([4], np.int32), images=[([2, 3, 6, 7], 4, [1])], anchor_row=n - 1, sparsity=sp)
     assert r["kept"] == [[1]]
     assert e.cache_positions(m.info["n_layer"] - 1) == [0, 1, 3, 4, 5, 8, 9, 10, 11]
+
+
+# ---------------------------------------------------------------- Gemma 3: its attention and its FFN
+
+
+def test_gemma3_image_split_by_the_batch_stays_whole(family_pair):
+    """An image that would straddle two n_batch graphs starts a new one (llama.cpp decodes an
+    image chunk in one ubatch, its rows attending to each other both ways): with n_batch 100 the
+    second image (rows 70-133) would be cut at row 100 (its first rows then missing its last
+    ones); the prompt's logits and the greedy answer still equal llama-cpp-python's."""
+    pair = family_pair("gemma3")
+    text, mmproj, images = pair
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    m = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, n_batch=100)
+    prompt_text, _ = m._template.prompt(messages, m.vision.marker)
+    ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=16)
+    ours = m._prefill_chat(messages, None)
+    assert m.last_stats["n_prompt"] > 134 and m.image_spans == [(4, 64), (70, 64)]
+    assert np.abs(ours - ref_logits[-1]).max() < MAX_ABS_DIFF
+    m.reset()
+    assert m.chat(messages, max_tokens=16) == m.detokenize(ref_answer)
+
+
+def test_gemma3_sliding_window_over_several_graphs(family_pair):
+    """A text prompt three times the 32-token window, evaluated in graphs of 24 rows: every row's
+    logits equal llama.cpp's (its sliding-window mask: a row sees the 32 positions up to itself in
+    layers 0-4 and 6, everything in layer 5), and so do the decode steps past the window."""
+    import llama_cpp
+
+    text, mmproj, _ = family_pair("gemma3")
+    m = cmx.Model(text, n_ctx=512, n_threads=2, n_batch=24)
+    tokens = m.tokenize("The window slides over this prompt: " + " ".join(f"item {i} is {i * 7 % 11}" for i in range(18)))
+    assert 3 * vf.GEMMA3_WINDOW < len(tokens) < 200
+    ours = m.logits(tokens)
+    ref = llama_cpp.Llama(text, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+    ref.eval(tokens)
+    theirs = np.array(ref.scores[: len(tokens)])
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert np.abs(ours - theirs).max() < MAX_ABS_DIFF
+    answer, last = [], theirs[-1]
+    for _ in range(12):  # llama.cpp's greedy continuation, token by token, to an end of generation
+        if m._vocab.is_eog(int(np.argmax(last))):
+            break
+        answer.append(int(np.argmax(last)))
+        ref.eval([answer[-1]])
+        last = np.array(ref.scores[ref.n_tokens - 1])
+    ref.close()
+    assert len(answer) > 0 and list(m.generate(tokens, max_tokens=12, sparsity=None)) == answer
+
+
+def test_gemma3_pruned_path_keeps_images_bidirectional(family_pair, monkeypatch):
+    """Token pruning's two stages (layers 0..K over every row, the later layers over the kept
+    ones) with every image token kept: the dense logits. The kept rows of an image still attend
+    to each other both ways after layer K."""
+    from cmx import selection
+
+    pair = family_pair("gemma3")
+    _, _, images = pair
+    messages = [turn(QUESTION, images[0], images[1])]
+    m = model(pair)
+    dense = m._prefill_chat(messages, None)
+    m.reset()
+    monkeypatch.setattr(selection, "choose", lambda _select, embd, *a, **k: (list(range(len(embd))), None))
+    pruned = m._prefill_chat(messages, cmx.Sparsity(neurons=False, select="random", budget=64))
+    assert m.last_stats["kept_image_tokens"] == [list(range(64))] * 2
+    assert np.abs(pruned - dense).max() < 1e-5
+
+
+def test_gemma3_core_neurons_read_the_gelu_gated_ffn(family_pair, tmp_path):
+    """Core neurons S in every layer: the compact decode FFN of the model equals, bit for bit, the
+    compact FFN of a model whose other neurons' gate and up rows are zero (it reads the rows of S
+    only), and that model's dense FFN (GELU(0) * 0 = 0 for the others) up to the rounding of the
+    shorter reductions, which these random layers amplify to ~1e-3; the full model's dense logits
+    differ by more than 1 (the other neurons matter; a SwiGLU in place of the GELU gating too)."""
+    import torch
+
+    tok = vf.gemma3_tokenizer()
+    hf = vf.build_tiny_gemma3(tok)
+    n_ff = hf.config.text_config.intermediate_size
+    core = [sorted(np.random.default_rng(il).choice(n_ff, n_ff // 3, replace=False).tolist()) for il in range(7)]
+    full = cmx.Model(vf.export_gemma3_text(hf, tok, tmp_path / "full.gguf"), n_threads=2)
+    with torch.no_grad():
+        for layer, keep in zip(hf.model.language_model.layers, core):
+            off = torch.ones(n_ff, dtype=torch.bool)
+            off[keep] = False
+            layer.mlp.gate_proj.weight[off] = 0.0
+            layer.mlp.up_proj.weight[off] = 0.0
+    zeroed = cmx.Model(vf.export_gemma3_text(hf, tok, tmp_path / "zeroed.gguf"), n_threads=2)
+    tokens = np.array(full.tokenize("Core neurons of a gated GELU feed-forward network"), np.int32)
+    dense_full, dense_zeroed = full.logits(tokens), zeroed.logits(tokens)
+    compact = []
+    for m in (full, zeroed):
+        e = m._engine
+        e.clear()
+        e.set_ffn_neurons(core)
+        assert [len(s) for s in e.ffn_neurons()] == [len(s) for s in core]
+        rows = np.arange(len(tokens), dtype=np.int32)
+        compact.append(e.decode(tokens, rows, rows))
+    assert np.array_equal(compact[0], compact[1])
+    assert (compact[0].argmax(1) == dense_zeroed.argmax(1)).all()
+    assert np.abs(compact[0] - dense_zeroed).max() < 1e-2
+    assert np.abs(dense_full - dense_zeroed).max(axis=1).min() > 1.0

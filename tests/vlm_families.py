@@ -25,6 +25,13 @@ Families (``FAMILIES``):
   each its own image chunk, slices first and the overview last, with no text between them; the
   pinned clip.cpp reads ``v.image_newline`` (not the file's ``model.image_newline``) and its llava
   graph does not use it, so no row-end embedding is added.
+* ``gemma3``: Gemma 3. ``convert_hf_to_gguf.py DIR`` writes the ``gemma3`` text model (Gemma3Model:
+  every RMS norm weight stored plus one, sliding window and local RoPE base, linear RoPE scaling
+  of the global layers, tied output) and ``--mmproj`` the SigLIP tower with the ``gemma3``
+  projector (Gemma3VisionModel: ``mm.input_projection.weight`` in f16, ``mm.soft_emb_norm``).
+  mtmd resizes each image to the tower's input and pools it into one chunk between the text
+  tokens ``<start_of_image>`` and ``<end_of_image>``, and llama.cpp decodes the chunk with
+  non-causal attention (``mtmd_decode_use_non_causal``).
 
 Each ``export_*_pair(out)`` returns ``(text path, mmproj path, [image paths])``.
 """
@@ -286,6 +293,8 @@ def build_tiny_gemma3(tok, *, seed: int = 0, text_hidden: int = 64, vision_hidde
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(cfg).eval().to(torch.float32)
     lt.randomize(model, seed)
+    with torch.no_grad():  # entries ~ 1/sqrt(n_embd) as Gemma's own: rows of unit variance once scaled by sqrt(n_embd), so
+        model.model.language_model.embed_tokens.weight.mul_(text_hidden ** -0.5)  # the tied output does not just echo the input
     return model
 
 
