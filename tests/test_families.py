@@ -376,3 +376,30 @@ def test_gemma3_core_neurons_read_the_gelu_gated_ffn(family_pair, tmp_path):
     assert (compact[0].argmax(1) == dense_zeroed.argmax(1)).all()
     assert np.abs(compact[0] - dense_zeroed).max() < 1e-2
     assert np.abs(dense_full - dense_zeroed).max(axis=1).min() > 1.0
+
+
+def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
+    """The window pattern as llama.cpp reads it: a period key, or one flag per layer; files
+    missing a Gemma 3 tensor or with a pattern of the wrong length are refused with a message."""
+    import gguf
+
+    shape = dict(n_embd=64, n_ff=128, n_layer=7, n_head=4, n_head_kv=2, head_dim=16, window=8)
+    tokens = list(range(40, 80))
+
+    def logits(name, **kw):
+        m = cmx.Model(vf.write_random_gemma3_text(tmp_path / name, **shape, **kw), n_ctx=256, n_threads=2, n_batch=16)
+        return m.logits(tokens)
+
+    six = logits("default.gguf")
+    flags = [i % 6 < 5 for i in range(7)]
+    assert np.array_equal(logits("period.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 6)]), six)
+    assert np.array_equal(logits("flags.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags)]), six)
+    # every layer global, or every layer sliding (period 0): other logits
+    assert np.abs(logits("global.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [False] * 7)]) - six).max() > 1e-3
+    assert np.abs(logits("sliding.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 0)]) - six).max() > 1e-3
+    with pytest.raises(cmx.ModelLoadError, match="sliding_window_pattern has 3 entries for 7 layers"):
+        logits("short.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [True] * 3)])
+    with pytest.raises(cmx.ModelLoadError, match="missing tensor 'blk.2.attn_q_norm.weight'"):
+        logits("no-qnorm.gguf", skip=("blk.2.attn_q_norm.weight",))
+    assert gguf.GGUFReader(str(tmp_path / "flags.gguf")).fields["gemma3.attention.sliding_window_pattern"].types[-1] == \
+        gguf.GGUFValueType.BOOL

@@ -38,6 +38,7 @@ Each ``export_*_pair(out)`` returns ``(text path, mmproj path, [image paths])``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,10 @@ GEMMA3_IMAGE, GEMMA3_PATCH, GEMMA3_TOKENS, GEMMA3_WINDOW = 128, 8, 64, 32
 GEMMA3_IMAGES = [(160, 120), (100, 140), (90, 90)]
 
 
+@functools.lru_cache(maxsize=1)
 def gemma3_tokenizer():
+    """SmolLM2's tokenizer with Gemma 3's special tokens and chat template (built once: it is
+    only read)."""
     tok = lt.load_smollm2_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": GEMMA3_SPECIAL})
     tok.chat_template = GEMMA3_TEMPLATE
@@ -331,6 +335,76 @@ def _gemma3_vocab(w, tok) -> None:
     w.add_string("tokenizer.chat_template", tok.chat_template)
 
 
+def _gemma3_writer(path, name, tok, *, n_layer, n_ctx, n_embd, n_ff, n_head, n_head_kv, head_dim, rope_factor, rope_base,
+                   rope_base_swa, eps, window, file_type: int = 0):
+    """A GGUFWriter holding the keys of a gemma3 text GGUF, in the converter's order."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_type("model")
+    w.add_name(name)
+    w.add_uint32("gemma3.block_count", n_layer)
+    w.add_uint32("gemma3.context_length", n_ctx)
+    w.add_uint32("gemma3.embedding_length", n_embd)
+    w.add_uint32("gemma3.feed_forward_length", n_ff)
+    w.add_uint32("gemma3.attention.head_count", n_head)
+    w.add_uint32("gemma3.attention.head_count_kv", n_head_kv)
+    w.add_string("gemma3.rope.scaling.type", "linear")
+    w.add_float32("gemma3.rope.scaling.factor", rope_factor)
+    w.add_float32("gemma3.rope.freq_base", rope_base)
+    w.add_float32("gemma3.rope.freq_base_swa", rope_base_swa)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", eps)
+    w.add_uint32("gemma3.attention.key_length", head_dim)
+    w.add_uint32("gemma3.attention.value_length", head_dim)
+    w.add_file_type(file_type)
+    w.add_uint32("gemma3.attention.sliding_window", window)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _gemma3_vocab(w, tok)
+    return w
+
+
+def write_random_gemma3_text(path, *, n_embd: int, n_ff: int, n_layer: int, n_head: int, n_head_kv: int, head_dim: int,
+                             window: int = 512, seed: int = 0, name: str = "random-gemma3", extra_keys=(),
+                             skip=()) -> str:
+    """A random gemma3 text GGUF in f16 of any size (benchmarks: tools/bench_engine.py), with
+    the tiny model's tokenizer and keys; weights drawn one tensor at a time (rows of unit-variance
+    outputs, norms around 1, embeddings at Gemma's scale). extra_keys: (name, value) pairs added
+    (uint32, or lists of bools); skip: tensor names left out (bad files for the loader's tests)."""
+    tok = gemma3_tokenizer()
+    w = _gemma3_writer(path, name, tok, n_layer=n_layer, n_ctx=8192, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                       head_dim=head_dim, rope_factor=8.0, rope_base=1000000.0, rope_base_swa=10000.0, eps=1e-6, window=window,
+                       file_type=1)
+    for key, value in extra_keys:
+        w.add_array(key, value) if isinstance(value, list) else w.add_uint32(key, value)
+    rng = np.random.default_rng(seed)
+
+    def matrix(n_out, n_in):
+        return (rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + 0.2 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    w.add_tensor("token_embd.weight", (rng.standard_normal((len(tok), n_embd), dtype=np.float32) / np.sqrt(n_embd)).astype(np.float16))
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        for tname, t in ((p + "attn_norm.weight", norm(n_embd)), (p + "ffn_down.weight", matrix(n_embd, n_ff)),
+                         (p + "ffn_gate.weight", matrix(n_ff, n_embd)), (p + "ffn_up.weight", matrix(n_ff, n_embd)),
+                         (p + "post_attention_norm.weight", norm(n_embd)), (p + "post_ffw_norm.weight", norm(n_embd)),
+                         (p + "ffn_norm.weight", norm(n_embd)), (p + "attn_k_norm.weight", norm(head_dim)),
+                         (p + "attn_k.weight", matrix(kv, n_embd)), (p + "attn_output.weight", matrix(n_embd, q)),
+                         (p + "attn_q_norm.weight", norm(head_dim)), (p + "attn_q.weight", matrix(q, n_embd)),
+                         (p + "attn_v.weight", matrix(kv, n_embd))):
+            if tname not in skip:
+                w.add_tensor(tname, t)
+    w.add_tensor("output_norm.weight", norm(n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
 def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
     """The text GGUF ``convert_hf_to_gguf.py DIR --outtype f32`` writes for this model (its
     Gemma3Model class, llama-cpp-python 0.3.36's llama.cpp): the same keys, value types and
@@ -338,30 +412,12 @@ def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
     checkpoint's order. Every RMS norm weight is stored plus one (Gemma3RMSNorm multiplies by
     1 + w); the output is tied (no output.weight). tests/data/families/gemma3.json holds what
     the converter wrote."""
-    import gguf
-
     tc = model.config.text_config
     rope = tc.rope_parameters
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_type("model")
-    w.add_name(name)
-    w.add_uint32("gemma3.block_count", tc.num_hidden_layers)
-    w.add_uint32("gemma3.context_length", tc.max_position_embeddings)
-    w.add_uint32("gemma3.embedding_length", tc.hidden_size)
-    w.add_uint32("gemma3.feed_forward_length", tc.intermediate_size)
-    w.add_uint32("gemma3.attention.head_count", tc.num_attention_heads)
-    w.add_uint32("gemma3.attention.head_count_kv", tc.num_key_value_heads)
-    w.add_string("gemma3.rope.scaling.type", "linear")
-    w.add_float32("gemma3.rope.scaling.factor", rope["full_attention"]["factor"])
-    w.add_float32("gemma3.rope.freq_base", rope["full_attention"]["rope_theta"])
-    w.add_float32("gemma3.rope.freq_base_swa", rope["sliding_attention"]["rope_theta"])
-    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", tc.rms_norm_eps)
-    w.add_uint32("gemma3.attention.key_length", tc.head_dim)
-    w.add_uint32("gemma3.attention.value_length", tc.head_dim)
-    w.add_file_type(0)
-    w.add_uint32("gemma3.attention.sliding_window", tc.sliding_window)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _gemma3_vocab(w, tok)
+    w = _gemma3_writer(path, name, tok, n_layer=tc.num_hidden_layers, n_ctx=tc.max_position_embeddings, n_embd=tc.hidden_size,
+                       n_ff=tc.intermediate_size, n_head=tc.num_attention_heads, n_head_kv=tc.num_key_value_heads,
+                       head_dim=tc.head_dim, rope_factor=rope["full_attention"]["factor"], rope_base=rope["full_attention"]["rope_theta"],
+                       rope_base_swa=rope["sliding_attention"]["rope_theta"], eps=tc.rms_norm_eps, window=tc.sliding_window)
 
     lm = model.model.language_model
     tensors = [("token_embd.weight", lm.embed_tokens.weight, 0.0)]
