@@ -379,8 +379,9 @@ def test_gemma3_core_neurons_read_the_gelu_gated_ffn(family_pair, tmp_path):
 
 
 def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
-    """The window pattern as llama.cpp reads it: a period key, or one flag per layer; files
-    missing a Gemma 3 tensor or with a pattern of the wrong length are refused with a message."""
+    """The window pattern as llama.cpp reads it: a period key, or one flag per layer; the logit
+    soft cap; files missing a Gemma 3 tensor or with a pattern of the wrong length are refused
+    with a message."""
     import gguf
 
     shape = dict(n_embd=64, n_ff=128, n_layer=7, n_head=4, n_head_kv=2, head_dim=16, window=8)
@@ -397,6 +398,9 @@ def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
     # every layer global, or every layer sliding (period 0): other logits
     assert np.abs(logits("global.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [False] * 7)]) - six).max() > 1e-3
     assert np.abs(logits("sliding.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 0)]) - six).max() > 1e-3
+    # final_logit_softcapping (gemma-2 style; Gemma 3's converter writes it when the config has one)
+    capped = logits("capped.gguf", extra_keys=[("gemma3.final_logit_softcapping", 2.0)])
+    assert np.abs(capped - 2.0 * np.tanh(six / 2.0)).max() < 1e-5 and np.abs(six).max() > 2.0
     with pytest.raises(cmx.ModelLoadError, match="sliding_window_pattern has 3 entries for 7 layers"):
         logits("short.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [True] * 3)])
     with pytest.raises(cmx.ModelLoadError, match="missing tensor 'blk.2.attn_q_norm.weight'"):

@@ -369,13 +369,18 @@ def write_random_gemma3_text(path, *, n_embd: int, n_ff: int, n_layer: int, n_he
     """A random gemma3 text GGUF in f16 of any size (benchmarks: tools/bench_engine.py), with
     the tiny model's tokenizer and keys; weights drawn one tensor at a time (rows of unit-variance
     outputs, norms around 1, embeddings at Gemma's scale). extra_keys: (name, value) pairs added
-    (uint32, or lists of bools); skip: tensor names left out (bad files for the loader's tests)."""
+    (uint32, float32, or lists of bools); skip: tensor names left out (bad files for the loader's tests)."""
     tok = gemma3_tokenizer()
     w = _gemma3_writer(path, name, tok, n_layer=n_layer, n_ctx=8192, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
                        head_dim=head_dim, rope_factor=8.0, rope_base=1000000.0, rope_base_swa=10000.0, eps=1e-6, window=window,
                        file_type=1)
     for key, value in extra_keys:
-        w.add_array(key, value) if isinstance(value, list) else w.add_uint32(key, value)
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
     rng = np.random.default_rng(seed)
 
     def matrix(n_out, n_in):
