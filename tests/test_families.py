@@ -392,6 +392,8 @@ def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
         return m.logits(tokens)
 
     six = logits("default.gguf")
+    info = cmx.Model(str(tmp_path / "default.gguf"), n_ctx=64).info
+    assert info["sliding_window"] == 8 and info["sliding_window_layers"] == [0, 1, 2, 3, 4, 6]
     flags = [i % 6 < 5 for i in range(7)]
     assert np.array_equal(logits("period.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 6)]), six)
     assert np.array_equal(logits("flags.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags)]), six)
