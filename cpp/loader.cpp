@@ -127,9 +127,9 @@ class Meta {
         std::vector<uint8_t> out(n);
         const void *data = n ? gguf_get_arr_data(ctx_, id) : nullptr;
         for (size_t i = 0; i < n; ++i) {
-            if (t == GGUF_TYPE_BOOL || t == GGUF_TYPE_UINT8 || t == GGUF_TYPE_INT8) out[i] = ((const uint8_t *)data)[i] != 0;
+            if (t == GGUF_TYPE_BOOL) out[i] = ((const uint8_t *)data)[i] != 0;
             else if (t == GGUF_TYPE_INT32 || t == GGUF_TYPE_UINT32) out[i] = ((const int32_t *)data)[i] != 0;
-            else throw load_error("metadata key '" + k + "' is not an array of flags");
+            else throw load_error("metadata key '" + k + "' is not an array of bool, int32 or uint32 flags");
         }
         return out;
     }
@@ -160,9 +160,10 @@ void read_gemma3_hparams(const Meta &m, HParams &hp) {
     hp.rope_freq_base_swa = (float)m.num(m.key("rope.freq_base_swa"), 10000.0);
     const std::string pattern_key = m.key("attention.sliding_window_pattern");
     hp.swa_layers = m.flags(pattern_key);
-    if (!hp.swa_layers.empty()) {
-        if ((int)hp.swa_layers.size() != hp.n_layer)
-            throw load_error(pattern_key + " has " + std::to_string(hp.swa_layers.size()) + " entries for " + std::to_string(hp.n_layer) + " layers");
+    if (!hp.swa_layers.empty()) {  // one flag per layer; as llama.cpp, layers past the array's end are global
+        if (hp.swa_layers.size() > 512)  // LLAMA_MAX_LAYERS
+            throw load_error(pattern_key + " has " + std::to_string(hp.swa_layers.size()) + " entries (at most 512)");
+        hp.swa_layers.resize(hp.n_layer, 0);
         return;
     }
     // a period n: layers n-1, 2n-1, ... global, the others sliding-window (n = 0: all sliding)

@@ -380,9 +380,10 @@ def test_gemma3_core_neurons_read_the_gelu_gated_ffn(family_pair, tmp_path):
 
 def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
     """The window pattern as llama.cpp reads it: a period key, or one flag per layer; the logit
-    soft cap; files missing a Gemma 3 tensor or with a pattern of the wrong length are refused
-    with a message."""
+    soft cap; files missing a Gemma 3 tensor or with a pattern of the wrong type are refused with
+    a message."""
     import gguf
+    import llama_cpp
 
     shape = dict(n_embd=64, n_ff=128, n_layer=7, n_head=4, n_head_kv=2, head_dim=16, window=8)
     tokens = list(range(40, 80))
@@ -403,8 +404,16 @@ def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
     # final_logit_softcapping (gemma-2 style; Gemma 3's converter writes it when the config has one)
     capped = logits("capped.gguf", extra_keys=[("gemma3.final_logit_softcapping", 2.0)])
     assert np.abs(capped - 2.0 * np.tanh(six / 2.0)).max() < 1e-5 and np.abs(six).max() > 2.0
-    with pytest.raises(cmx.ModelLoadError, match="sliding_window_pattern has 3 entries for 7 layers"):
-        logits("short.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [True] * 3)])
+    # a shorter array: the layers past its end are global (llama.cpp's reading); an array of
+    # another element type is refused
+    short = logits("short.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags[:5])])
+    assert np.array_equal(short, logits("padded.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags[:5] + [False] * 2)]))
+    ref = llama_cpp.Llama(str(tmp_path / "short.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    ref.eval(tokens)
+    assert np.abs(np.array(ref.scores[: len(tokens)]) - short).max() < MAX_ABS_DIFF
+    ref.close()
+    with pytest.raises(cmx.ModelLoadError, match="sliding_window_pattern' is not an array of bool, int32 or uint32 flags"):
+        logits("floats.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [1.0] * 7)])
     with pytest.raises(cmx.ModelLoadError, match="missing tensor 'blk.2.attn_q_norm.weight'"):
         logits("no-qnorm.gguf", skip=("blk.2.attn_q_norm.weight",))
     assert gguf.GGUFReader(str(tmp_path / "flags.gguf")).fields["gemma3.attention.sliding_window_pattern"].types[-1] == \
