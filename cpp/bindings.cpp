@@ -40,6 +40,11 @@ py::dict model_info(const Model &m) {
     d["rope_freq_scale"] = hp.rope_freq_scale;
     d["rope_sections"] = hp.mrope() ? py::cast(std::vector<int>(hp.rope_sections, hp.rope_sections + GGML_MROPE_SECTIONS)) : py::none();
     d["norm_eps"] = hp.norm_eps;
+    d["sliding_window"] = hp.n_swa;  // 0: every layer attends to the whole cache
+    py::list swa;  // the sliding-window layers (gemma3)
+    for (int il = 0; il < hp.n_layer; ++il)
+        if (hp.is_swa(il)) swa.append(il);
+    d["sliding_window_layers"] = swa;
     d["file_type"] = hp.file_type;
     d["tied_output"] = m.tied_output;
     d["ffn_type"] = ggml_type_name_of(m.layers[0].ffn_gate);

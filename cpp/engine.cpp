@@ -201,8 +201,43 @@ void Engine::record_graphs(bool on) {
     if (on) recorded_.clear();
 }
 
-std::vector<float> Engine::decode(const Batch &batch, const Prune &prune) {
-    validate(batch);
+const Batch &Engine::with_image_groups(const Batch &batch, const std::vector<ImageSpan> &images, Batch &storage) const {
+    if (!model_->hp.image_attn_bidirectional || !batch.attn_group.empty()) return batch;
+    const size_t n = batch.tokens.size();
+    storage = batch;
+    storage.attn_group.assign(n, 0);
+    int32_t group = 0;
+    for (const ImageSpan &im : images) {
+        ++group;
+        for (int32_t j = 0; j < im.n_rows; ++j) storage.attn_group[im.row(j)] = group;
+    }
+    for (size_t r = 0; r < n; ++r)  // embedding rows of no span: each run one image
+        if (batch.tokens[r] < 0 && !storage.attn_group[r])
+            storage.attn_group[r] = r > 0 && batch.tokens[r - 1] < 0 && storage.attn_group[r - 1] == group ? group : ++group;
+    return storage;
+}
+
+std::vector<std::pair<size_t, size_t>> Engine::graph_ranges(const Batch &batch) const {
+    const size_t n = batch.tokens.size(), step = (size_t)params_.n_batch;
+    const auto &g = batch.attn_group;
+    std::vector<std::pair<size_t, size_t>> ranges;
+    for (size_t begin = 0; begin < n;) {
+        size_t end = std::min(n, begin + step);
+        if (!g.empty() && end < n && g[end - 1] > 0 && g[end] == g[end - 1]) {
+            size_t first = end - 1;  // where the straddling image starts (or begin: longer than n_batch)
+            while (first > begin && g[first - 1] == g[end - 1]) --first;
+            if (first > begin) end = first;
+        }
+        ranges.push_back({begin, end});
+        begin = end;
+    }
+    return ranges;
+}
+
+std::vector<float> Engine::decode(const Batch &batch_in, const Prune &prune) {
+    validate(batch_in);
+    Batch grouped;
+    const Batch &batch = with_image_groups(batch_in, {}, grouped);
     const HParams &hp = model_->hp;
     const std::vector<uint8_t> no_acts(hp.n_layer, 0);
     if (prune.after_layer < 0) return forward(batch, -1, nullptr, false, no_acts, 0.0, true, nullptr);
@@ -258,17 +293,19 @@ void Engine::validate_sparsity(const Batch &batch, const std::vector<ImageSpan> 
     if (!images.empty() && (anchor_row < 0 || anchor_row >= n)) throw std::invalid_argument("anchor_row out of range");
 }
 
-PrefillResult Engine::prefill(const Batch &batch, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams *sp) {
-    validate(batch);
+PrefillResult Engine::prefill(const Batch &batch_in, const std::vector<ImageSpan> &images, int anchor_row, const SparsityParams *sp) {
+    validate(batch_in);
     const HParams &hp = model_->hp;
     PrefillResult res;
     stat_thresholds_.clear();
+    if (sp) validate_sparsity(batch_in, images, anchor_row, *sp);  // the image spans, before they group rows
+    Batch grouped;
+    const Batch &batch = with_image_groups(batch_in, sp ? images : std::vector<ImageSpan>{}, grouped);
     if (!sp) {  // the dense engine: also forgets earlier core neurons
         compact_.release();
         res.logits = forward(batch, -1, nullptr, false, std::vector<uint8_t>(hp.n_layer, 0), 0.0, false, nullptr);
         return res;
     }
-    validate_sparsity(batch, images, anchor_row, *sp);
     stat_thresholds_ = sp->thresholds;  // read by stats_ops during this prefill
     const int K = sp->prune_layer;
     const bool prune = sp->tokens && !images.empty();
@@ -420,6 +457,8 @@ std::vector<float> Engine::forward(const Batch &batch, int after_layer, const Ch
     rest.tokens.assign(keep.size(), -1);
     if (!batch.image_rows.empty())
         for (int32_t r : keep) rest.image_rows.push_back(batch.image_rows[r]);
+    if (!batch.attn_group.empty())  // an image's kept rows still attend to each other both ways
+        for (int32_t r : keep) rest.attn_group.push_back(batch.attn_group[r]);
     rest.embd = hidden.data();
     rest.n_embd_rows = (int)keep.size();
     for (int32_t r : batch.out_rows) {
@@ -464,10 +503,11 @@ std::vector<int64_t> Engine::graph_key(const Batch &batch, size_t begin, size_t 
 void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const std::vector<uint8_t> &act_use, double rho,
                        bool use_compact, StageOut &so, double *stats_ms, int attn_layer) {
     const HParams &hp = model_->hp;
-    const size_t n = batch.tokens.size(), step = (size_t)params_.n_batch;
+    const size_t n = batch.tokens.size();
+    const std::vector<std::pair<size_t, size_t>> ranges = graph_ranges(batch);
     // Logits are read from the graph holding the requested rows, the last one when split.
     for (int32_t r : batch.out_rows)
-        if (n > step && (size_t)r < (n - 1) / step * step)
+        if ((size_t)r < ranges.back().first)
             throw std::invalid_argument("logits of a split batch can only be read from its last n_batch rows; call decode per chunk");
     const bool to_logits = layer_end == hp.n_layer;
     if (!to_logits) so.hidden.resize(n * (size_t)hp.n_embd);
@@ -479,8 +519,7 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
     int embd_begin = 0;
     std::vector<int32_t> stats_rows;
     const std::vector<StatsOp> ops = stats_ops(rho);
-    for (size_t begin = 0; begin < n; begin += step) {
-        const size_t end = std::min(n, begin + step);
+    for (const auto &[begin, end] : ranges) {
         const int64_t n_rows = (int64_t)(end - begin);
         const bool last = end == n;
 
@@ -553,13 +592,26 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             set_input(in.stats_rows, wanted.data());
         }
         for (auto &m : in.masks) {
-            // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i.
+            // causal in sequence order: query i (the i-th new row) sees the cache and new rows <= i,
+            // and, in an image whose rows attend both ways, the later rows of its image in this
+            // graph; a sliding-window layer masks what lies n_swa or more positions back.
             // For M-RoPE llama.cpp masks by temporal position, then (row, column) where those tie;
             // with mtmd's positions (an image's tokens share one temporal position and run row by
             // row; the text after it starts past max(rows, columns)) that is the same set of keys.
-            const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cache_->layers[m.layer].pos.size();
+            const std::vector<int32_t> &cached = cache_->layers[m.layer].pos;
+            const int64_t n_kv = m.t->ne[0], n_q = m.t->ne[1], n_past = (int64_t)cached.size();
+            const int32_t *group = batch.attn_group.empty() ? nullptr : batch.attn_group.data() + begin;
             std::vector<float> mask((size_t)n_kv * n_q, -INFINITY);
-            for (int64_t i = 0; i < n_q; ++i) std::fill_n(mask.begin() + i * n_kv, n_past + i + 1, 0.0f);
+            for (int64_t i = 0; i < n_q; ++i) {
+                float *row = mask.data() + i * n_kv;
+                std::fill_n(row, n_past + i + 1, 0.0f);
+                if (group && group[i] > 0)
+                    for (int64_t k = i + 1; k < n_q; ++k)
+                        if (group[k] == group[i]) row[n_past + k] = 0.0f;
+                if (m.swa)
+                    for (int64_t j = 0; j < n_past + n_q; ++j)
+                        if ((int64_t)pos[i] - (j < n_past ? cached[j] : pos[j - n_past]) >= hp.n_swa) row[j] = -INFINITY;
+            }
             set_input(m.t, mask.data());
         }
         for (auto &sl : in.slots) {

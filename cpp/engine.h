@@ -67,6 +67,10 @@ struct Batch {
     std::vector<int32_t> rope_pos;
     std::vector<int32_t> out_rows;   // rows whose logits are returned (after pruning: kept rows)
     std::vector<uint8_t> image_rows; // per row: 1 for an image's row (empty: none); read by kActTextStats
+    // per row: 0, or an image's number (> 0): rows with the same number attend to each other both
+    // ways (the model's image_attn_bidirectional; empty: all causal). Graphs are split so that an
+    // image shorter than n_batch stays in one, as llama.cpp decodes an image chunk in one ubatch.
+    std::vector<int32_t> attn_group;
 };
 
 // Token pruning: layers <= after_layer see all rows of the batch, later layers only keep_rows
@@ -191,6 +195,12 @@ class Engine {
                                const std::vector<uint8_t> &act_use, double rho, bool use_compact, double *stats_ms,
                                int attn_layer = -1);
     void validate(const Batch &batch) const;
+    // The batch with attn_group set for a model whose image rows attend bidirectionally: each
+    // image span one group, embedding rows outside them one group per run; else the batch as is.
+    const Batch &with_image_groups(const Batch &batch, const std::vector<ImageSpan> &images, Batch &storage) const;
+    // Rows [begin, end) of each graph of a stage: n_batch rows, cut earlier before an image that
+    // would straddle the cut (an attn_group run fitting in n_batch stays whole).
+    std::vector<std::pair<size_t, size_t>> graph_ranges(const Batch &batch) const;
     // The stored-profile parts of SparsityParams (thresholds, neuron_order), checked.
     void validate_profile_params(const SparsityParams &sp) const;
     // Per layer, what the graph's statistics ops compute: kmax slots for rho, and the running

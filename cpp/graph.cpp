@@ -33,16 +33,17 @@ struct Builder {
 
     const LoraLayer *lora(int il) const { return model.lora ? &model.lora->layers[il] : nullptr; }
 
-    // pos: I32 [n_q], or for M-RoPE [4 * n_q] (each component's n_q positions in turn)
-    ggml_tensor *rope(ggml_tensor *x, ggml_tensor *pos) {
+    // pos: I32 [n_q], or for M-RoPE [4 * n_q] (each component's n_q positions in turn).
+    // Sliding-window layers (gemma3) have their own base and no scaling.
+    ggml_tensor *rope(int il, ggml_tensor *x, ggml_tensor *pos) {
         if (hp.mrope()) {
             int sections[GGML_MROPE_SECTIONS];
             std::copy_n(hp.rope_sections, GGML_MROPE_SECTIONS, sections);
-            return ggml_rope_multi(ctx, x, pos, model.rope_freqs, hp.n_rot, sections, hp.rope_mode, hp.n_ctx_orig, hp.rope_freq_base,
-                                   hp.rope_freq_scale, hp.yarn_ext_factor, hp.yarn_attn_factor, hp.yarn_beta_fast, hp.yarn_beta_slow);
+            return ggml_rope_multi(ctx, x, pos, model.rope_freqs, hp.n_rot, sections, hp.rope_mode, hp.n_ctx_orig, hp.layer_rope_base(il),
+                                   hp.layer_rope_scale(il), hp.yarn_ext_factor, hp.yarn_attn_factor, hp.yarn_beta_fast, hp.yarn_beta_slow);
         }
-        return ggml_rope_ext(ctx, x, pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig, hp.rope_freq_base,
-                             hp.rope_freq_scale, hp.yarn_ext_factor, hp.yarn_attn_factor, hp.yarn_beta_fast,
+        return ggml_rope_ext(ctx, x, pos, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig, hp.layer_rope_base(il),
+                             hp.layer_rope_scale(il), hp.yarn_ext_factor, hp.yarn_attn_factor, hp.yarn_beta_fast,
                              hp.yarn_beta_slow);
     }
 
@@ -58,8 +59,16 @@ struct Builder {
         ggml_tensor *q = ggml_reshape_3d(ctx, linear(l.wq, l.bq, x, ad ? &ad->wq : nullptr), D, hp.n_head, n_q);     // [D, n_head, n_q]
         ggml_tensor *k = ggml_reshape_3d(ctx, linear(l.wk, l.bk, x, ad ? &ad->wk : nullptr), D, hp.n_head_kv, n_q);  // [D, n_head_kv, n_q]
         ggml_tensor *v = linear(l.wv, l.bv, x, ad ? &ad->wv : nullptr);                                                  // [n_embd_kv, n_q]
-        q = rope(q, pos);
-        k = rope(k, pos);
+        if (l.attn_q_norm) q = rms_norm(q, l.attn_q_norm);  // per head (gemma3)
+        if (l.attn_k_norm) k = rms_norm(k, l.attn_k_norm);
+        q = rope(il, q, pos);
+        k = rope(il, k, pos);
+        // gemma3 scales q itself (its rule for the scale), the softmax then by 1
+        float kq_scale = 1.0f / std::sqrt((float)D);
+        if (hp.attn_scale != 0.0f) {
+            q = ggml_scale(ctx, q, hp.attn_scale);
+            kq_scale = 1.0f;
+        }
 
         // Append the new rows to this layer's cache: k by rows, v (transposed) element by element.
         // The slots are graph inputs, so one decode graph serves every position (graph reuse).
@@ -76,7 +85,7 @@ struct Builder {
 
         ggml_tensor *kq = ggml_mul_mat(ctx, K, q);  // [n_kv, n_q, n_head]
         ggml_prec_set_acc(kq, GGML_PREC_F32);
-        kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f / std::sqrt((float)D), 0.0f);
+        kq = ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0f);
         if (last_attn)  // the last query's row of every head, copied out before kq is reused
             *last_attn = ggml_cont(ctx, ggml_view_2d(ctx, kq, n_kv, hp.n_head, kq->nb[2], (n_q - 1) * kq->nb[1]));  // [n_kv, n_head]
         ggml_tensor *kqv = ggml_mul_mat(ctx, V, kq);                 // [D, n_q, n_head]
@@ -85,18 +94,23 @@ struct Builder {
         return linear(l.wo, l.bo, kqv, ad ? &ad->wo : nullptr);      // [n_embd, n_q]
     }
 
-    // SwiGLU FFN, the hook for core neurons: with a compact layer (decode under CoreMatching) it
+    // act(gate) * up: SwiGLU, or GELU(tanh)-gated (gemma3)
+    ggml_tensor *gated(ggml_tensor *gate, ggml_tensor *up) {
+        return hp.ffn_act == FfnAct::gelu ? ggml_geglu_split(ctx, gate, up) : ggml_swiglu_split(ctx, gate, up);
+    }
+
+    // Gated FFN, the hook for core neurons: with a compact layer (decode under CoreMatching) it
     // reads only the core neurons' gate/up rows and down columns. `act` receives the activations.
     ggml_tensor *ffn(int il, ggml_tensor *x, const CompactFfn::Layer *core, ggml_tensor **act) {
         const Layer &l = model.layers[il];
         if (core) {  // compact weights (an adapter on the FFN is refused with core neurons)
-            ggml_tensor *a = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, core->gate, x), ggml_mul_mat(ctx, core->up, x));  // [k, n_q]
+            ggml_tensor *a = gated(ggml_mul_mat(ctx, core->gate, x), ggml_mul_mat(ctx, core->up, x));  // [k, n_q]
             if (act) *act = a;
             return ggml_mul_mat(ctx, core->down, a);  // [n_embd, n_q]
         }
         const LoraLayer *ad = lora(il);
-        ggml_tensor *a = ggml_swiglu_split(ctx, linear(l.ffn_gate, nullptr, x, ad ? &ad->ffn_gate : nullptr),
-                                           linear(l.ffn_up, nullptr, x, ad ? &ad->ffn_up : nullptr));  // [n_ff, n_q]
+        ggml_tensor *a = gated(linear(l.ffn_gate, nullptr, x, ad ? &ad->ffn_gate : nullptr),
+                               linear(l.ffn_up, nullptr, x, ad ? &ad->ffn_up : nullptr));  // [n_ff, n_q]
         if (act) *act = a;
         return linear(l.ffn_down, nullptr, a, ad ? &ad->ffn_down : nullptr);  // [n_embd, n_q]
     }
@@ -115,21 +129,23 @@ struct Builder {
 
     // Attention spans the cache padded to kKVPad entries (masked), as llama.cpp does: the same
     // reduction lengths give the same rounding, hence logits equal to llama.cpp's.
-    ggml_tensor *new_mask(int il, int64_t n_q) {
+    ggml_tensor *new_mask(int il, int64_t n_q, bool swa) {
         const int64_t n_past = (int64_t)cache.layers[il].pos.size();
         const int64_t n_kv = std::min<int64_t>(cache.n_ctx, GGML_PAD(n_past + n_q, kKVPad));
         ggml_tensor *m = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_q);  // [n_kv, n_q]
         ggml_set_input(m);
-        in.masks.push_back({m, il});
+        in.masks.push_back({m, il, swa});
         return m;
     }
 
-    // Causal in sequence order, so a mask depends only on the cache length and the queries:
-    // layers with equal lengths (all of them, unless pruning made two groups) share one.
+    // Causal in sequence order, so a mask depends only on the cache length, the queries and
+    // whether the layer slides its window: layers with equal lengths (all of them, unless pruning
+    // made two groups) and the same kind share one.
     ggml_tensor *mask_for(int il, int64_t n_q) {
+        const bool swa = hp.is_swa(il);
         for (auto &m : in.masks)
-            if (cache.layers[m.layer].pos.size() == cache.layers[il].pos.size()) return m.t;
-        return new_mask(il, n_q);
+            if (cache.layers[m.layer].pos.size() == cache.layers[il].pos.size() && m.swa == swa) return m.t;
+        return new_mask(il, n_q, swa);
     }
 };
 
@@ -178,6 +194,7 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
     if (n_token_rows) {
         in.tokens = input_tensor(ctx, GGML_TYPE_I32, n_token_rows, 0, "inp_tokens");
         x = ggml_get_rows(ctx, model.tok_embd, in.tokens);  // [n_embd, n_token_rows]
+        if (hp.embd_scale != 1.0f) x = ggml_scale(ctx, x, hp.embd_scale);  // token rows only, not image embeddings
     }
     if (n_embd_rows) {
         in.embd = input_tensor(ctx, GGML_TYPE_F32, hp.n_embd, n_embd_rows, "inp_embd");
@@ -199,9 +216,12 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         const CompactFfn::Layer *core = spec.compact ? spec.compact->layer(il) : nullptr;
         ggml_tensor *act = nullptr;
 
+        const Layer &l = model.layers[il];
         ggml_tensor *last_attn = nullptr;
-        ggml_tensor *h = ggml_add(ctx, x, b.attention(il, b.rms_norm(x, model.layers[il].attn_norm), in.pos, b.mask_for(il, x->ne[1]),
-                                                      il == spec.attn_layer ? &last_attn : nullptr));
+        ggml_tensor *attn = b.attention(il, b.rms_norm(x, l.attn_norm), in.pos, b.mask_for(il, x->ne[1]),
+                                        il == spec.attn_layer ? &last_attn : nullptr);  // [n_embd, n_rows]
+        if (l.attn_post_norm) attn = b.rms_norm(attn, l.attn_post_norm);
+        ggml_tensor *h = ggml_add(ctx, x, attn);
         if (last_attn) {
             out.last_attention = last_attn;
             ggml_set_name(last_attn, "last_attention");
@@ -211,7 +231,9 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
         // the last layer's FFN runs only on rows whose logits are wanted (unless its activations are)
         const bool narrow = il == hp.n_layer - 1 && in.out_rows && !collect;
         if (narrow) h = ggml_get_rows(ctx, h, in.out_rows);
-        x = ggml_add(ctx, h, b.ffn(il, b.rms_norm(h, model.layers[il].ffn_norm), core, collect ? &act : nullptr));
+        ggml_tensor *f = b.ffn(il, b.rms_norm(h, l.ffn_norm), core, collect ? &act : nullptr);  // [n_embd, n_rows]
+        if (l.ffn_post_norm) f = b.rms_norm(f, l.ffn_post_norm);
+        x = ggml_add(ctx, h, f);
         if (il == hp.n_layer - 1 && in.out_rows && !narrow) x = ggml_get_rows(ctx, x, in.out_rows);
         if (capture) {
             ggml_set_output(act);
@@ -243,6 +265,8 @@ GraphOutputs build_forward(ggml_context *ctx, ggml_cgraph *gf, const Model &mode
     if (!in.out_rows) return out;
 
     out.logits = ggml_mul_mat(ctx, model.output, b.rms_norm(x, model.output_norm));  // [n_vocab, n_out]
+    if (hp.final_logit_softcap != 0.0f)  // cap * tanh(logits / cap)
+        out.logits = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, out.logits, 1.0f / hp.final_logit_softcap)), hp.final_logit_softcap);
     ggml_set_name(out.logits, "logits");
     ggml_set_output(out.logits);
     ggml_build_forward_expand(gf, out.logits);

@@ -19,6 +19,7 @@ struct GraphInputs {
     struct Mask {
         ggml_tensor *t;  // F32 [n_kv, n_q]; n_kv = n_past + n_q rounded up (padding masked)
         int layer;       // a layer whose cache length (n_past) defines it
+        bool swa;        // for sliding-window layers: rows further back than the window are masked too
     };
     std::vector<Mask> masks;
     struct Slots {

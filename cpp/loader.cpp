@@ -23,7 +23,9 @@
 
 namespace cmx {
 
-const char *arch_name(Arch arch) { return arch == Arch::qwen2vl ? "qwen2vl" : arch == Arch::qwen2 ? "qwen2" : "llama"; }
+const char *arch_name(Arch arch) {
+    return arch == Arch::qwen2vl ? "qwen2vl" : arch == Arch::qwen2 ? "qwen2" : arch == Arch::gemma3 ? "gemma3" : "llama";
+}
 
 std::string printable_utf8(const std::string &text) {
     std::string out;
@@ -132,6 +134,22 @@ class Meta {
         return out;
     }
 
+    // A per-layer flag array (bool or integer elements); empty when the key is absent or not an array.
+    std::vector<uint8_t> flags(const std::string &k) const {
+        int64_t id = gguf_find_key(ctx_, k.c_str());
+        if (id < 0 || gguf_get_kv_type(ctx_, id) != GGUF_TYPE_ARRAY) return {};
+        const size_t n = gguf_get_arr_n(ctx_, id);
+        const gguf_type t = gguf_get_arr_type(ctx_, id);
+        std::vector<uint8_t> out(n);
+        const void *data = n ? gguf_get_arr_data(ctx_, id) : nullptr;
+        for (size_t i = 0; i < n; ++i) {
+            if (t == GGUF_TYPE_BOOL) out[i] = ((const uint8_t *)data)[i] != 0;
+            else if (t == GGUF_TYPE_INT32 || t == GGUF_TYPE_UINT32) out[i] = ((const int32_t *)data)[i] != 0;
+            else throw load_error("metadata key '" + k + "' is not an array of bool, int32 or uint32 flags");
+        }
+        return out;
+    }
+
     int count(const std::string &k) const {
         int64_t id = gguf_find_key(ctx_, k.c_str());
         if (id < 0 || gguf_get_kv_type(ctx_, id) != GGUF_TYPE_ARRAY) return 0;
@@ -163,6 +181,35 @@ void read_rope_sections(const Meta &m, HParams &hp) {
                          " (rotary dimension pairs)");
 }
 
+// Gemma 3's keys, read as the pinned llama.cpp reads them (src/models/gemma3.cpp, llama-hparams).
+void read_gemma3_hparams(const Meta &m, HParams &hp) {
+    hp.ffn_act = FfnAct::gelu;
+    hp.embd_scale = std::sqrt((float)hp.n_embd);
+    hp.image_attn_bidirectional = true;
+    hp.final_logit_softcap = (float)m.num(m.key("final_logit_softcapping"), 0.0);
+    // llama.cpp's rule (after gemma_pytorch): the 27B model (62 layers) scales by 1/sqrt(n_embd / n_head)
+    hp.attn_scale = 1.0f / std::sqrt((float)(hp.n_layer == 62 ? hp.n_embd / hp.n_head : hp.head_dim));
+    const double n_swa = m.num(m.key("attention.sliding_window"), 0.0);
+    if (n_swa < 0 || n_swa > (double)INT32_MAX) throw load_error("attention.sliding_window is " + std::to_string(n_swa));
+    hp.n_swa = (int)n_swa;
+    if (hp.n_swa == 0) return;  // every layer global
+    hp.rope_freq_base_swa = (float)m.num(m.key("rope.freq_base_swa"), 10000.0);
+    const std::string pattern_key = m.key("attention.sliding_window_pattern");
+    hp.swa_layers = m.flags(pattern_key);
+    if (!hp.swa_layers.empty()) {  // one flag per layer; as llama.cpp, layers past the array's end are global
+        if (hp.swa_layers.size() > 512)  // LLAMA_MAX_LAYERS
+            throw load_error(pattern_key + " has " + std::to_string(hp.swa_layers.size()) + " entries (at most 512)");
+        hp.swa_layers.resize(hp.n_layer, 0);
+        return;
+    }
+    // a period n: layers n-1, 2n-1, ... global, the others sliding-window (n = 0: all sliding)
+    const double period = m.num(pattern_key, 6.0);
+    if (period < 0 || period > (double)INT32_MAX) throw load_error(pattern_key + " is " + std::to_string(period));
+    const int n = (int)period;
+    hp.swa_layers.resize(hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) hp.swa_layers[il] = n == 0 || il % n < n - 1;
+}
+
 HParams read_hparams(const gguf_context *gguf) {
     HParams hp;
     Meta general(gguf, "general");
@@ -177,8 +224,11 @@ HParams read_hparams(const gguf_context *gguf) {
     } else if (hp.arch_name == "qwen2vl") {  // Qwen2-VL / Qwen2.5-VL's text model: qwen2 with M-RoPE
         hp.arch = Arch::qwen2vl;
         hp.rope_mode = GGML_ROPE_TYPE_MROPE;
+    } else if (hp.arch_name == "gemma3") {
+        hp.arch = Arch::gemma3;
+        hp.rope_mode = GGML_ROPE_TYPE_NEOX;
     } else {
-        throw load_error("unsupported architecture '" + hp.arch_name + "' (cmx supports: llama, qwen2, qwen2vl)");
+        throw load_error("unsupported architecture '" + hp.arch_name + "' (cmx supports: llama, qwen2, qwen2vl, gemma3)");
     }
     hp.name = printable_utf8(general.str("general.name", ""));  // shown in Model.info: a Python str
     hp.file_type = (uint32_t)general.num("general.file_type", 0);
@@ -233,6 +283,7 @@ HParams read_hparams(const gguf_context *gguf) {
     if (hp.arch == Arch::qwen2vl) hp.norm_eps = 0.0f;
 
     hp.n_vocab = (int)m.num(m.key("vocab_size"), general.count("tokenizer.ggml.tokens"));
+    if (hp.arch == Arch::gemma3) read_gemma3_hparams(m, hp);
     return hp;
 }
 
@@ -518,7 +569,8 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
                              name + "' of block " + std::to_string(il));
     }
 
-    const bool qkv_bias = hp.arch == Arch::qwen2 || hp.arch == Arch::qwen2vl;
+    const bool qkv_bias = hp.arch == Arch::qwen2 || hp.arch == Arch::qwen2vl, gemma3 = hp.arch == Arch::gemma3;
+    const int64_t D = hp.head_dim;
     model->layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         Layer &l = model->layers[il];
@@ -536,6 +588,10 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
         l.ffn_gate = tc.get(name("ffn_gate.weight"), {E, F});
         l.ffn_up = tc.get(name("ffn_up.weight"), {E, F});
         l.ffn_down = tc.get(name("ffn_down.weight"), {F, E});
+        l.attn_q_norm = tc.get(name("attn_q_norm.weight"), {D}, gemma3);
+        l.attn_k_norm = tc.get(name("attn_k_norm.weight"), {D}, gemma3);
+        l.attn_post_norm = tc.get(name("post_attention_norm.weight"), {E}, gemma3);
+        l.ffn_post_norm = tc.get(name("post_ffw_norm.weight"), {E}, gemma3);
     }
 
     // Backends: the registry decides (Metal on a Mac, CPU here); the CPU backend is always there
@@ -555,7 +611,8 @@ std::unique_ptr<Model> load_model(const std::string &path, const LoadParams &par
     if (!model->tied_output) used.push_back(model->output);
     if (model->rope_freqs) used.push_back(model->rope_freqs);
     for (const Layer &l : model->layers)
-        for (ggml_tensor *t : {l.attn_norm, l.wq, l.wk, l.wv, l.wo, l.bq, l.bk, l.bv, l.bo, l.ffn_norm, l.ffn_gate, l.ffn_up, l.ffn_down})
+        for (ggml_tensor *t : {l.attn_norm, l.wq, l.wk, l.wv, l.wo, l.bq, l.bk, l.bv, l.bo, l.ffn_norm, l.ffn_gate, l.ffn_up, l.ffn_down,
+                               l.attn_q_norm, l.attn_k_norm, l.attn_post_norm, l.ffn_post_norm})
             if (t) used.push_back(t);
 
     // Map the file read-only; pages are loaded on first use and shared with the page cache.

@@ -28,7 +28,10 @@ struct load_error : std::runtime_error {
     explicit load_error(const std::string &message) : std::runtime_error(printable_utf8(message)) {}
 };
 
-enum class Arch { llama, qwen2, qwen2vl };
+enum class Arch { llama, qwen2, qwen2vl, gemma3 };
+
+// The FFN's gated activation: act(gate) * up.
+enum class FfnAct { silu, gelu };
 
 enum class RopeScaling { none, linear, yarn };
 
@@ -57,13 +60,30 @@ struct HParams {
     float yarn_attn_factor = 1.0f;
     float yarn_beta_fast = 32.0f;
     float yarn_beta_slow = 1.0f;
-    int rope_mode = GGML_ROPE_TYPE_NORMAL;  // llama: adjacent pairs (the converter permutes Q/K); qwen2: NEOX; qwen2vl: MROPE
+    int rope_mode = GGML_ROPE_TYPE_NORMAL;  // llama: adjacent pairs (the converter permutes Q/K); qwen2, gemma3: NEOX; qwen2vl: MROPE
     // M-RoPE (qwen2vl): how many rotary dimension pairs each position component turns (temporal,
     // row, column, unused), rope.dimension_sections
     int rope_sections[GGML_MROPE_SECTIONS] = {0, 0, 0, 0};
 
     bool mrope() const { return rope_mode == GGML_ROPE_TYPE_MROPE; }
     int n_pos_per_row() const { return mrope() ? GGML_MROPE_SECTIONS : 1; }  // position components per token
+
+    // Gemma 3 (the defaults are llama's): sliding-window layers with their own RoPE base (no
+    // scaling there), the query scaled before the attention, token embeddings scaled by
+    // sqrt(n_embd), an optional tanh soft cap on the logits; image rows attend to every row of
+    // their image (llama.cpp decodes image chunks non-causally for this family).
+    FfnAct ffn_act = FfnAct::silu;
+    int n_swa = 0;                       // attention.sliding_window; 0: no sliding-window layers
+    std::vector<uint8_t> swa_layers;     // per layer: 1 where attention looks back n_swa positions only
+    float rope_freq_base_swa = 10000.0f; // rope.freq_base_swa
+    float attn_scale = 0.0f;             // applied to q; 0: 1/sqrt(head_dim) in the softmax (llama)
+    float embd_scale = 1.0f;             // token embeddings (not image rows) are multiplied by it
+    float final_logit_softcap = 0.0f;    // 0: none
+    bool image_attn_bidirectional = false;
+
+    bool is_swa(int il) const { return n_swa > 0 && il < (int)swa_layers.size() && swa_layers[il]; }
+    float layer_rope_base(int il) const { return is_swa(il) ? rope_freq_base_swa : rope_freq_base; }
+    float layer_rope_scale(int il) const { return is_swa(il) ? 1.0f : rope_freq_scale; }
 
     int n_embd_q() const { return head_dim * n_head; }
     int n_embd_kv() const { return head_dim * n_head_kv; }
@@ -76,6 +96,9 @@ struct Layer {
     ggml_tensor *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
     ggml_tensor *ffn_norm = nullptr;
     ggml_tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;  // neuron i = row i of gate/up, column i of down
+    // gemma3: RMS norms of q and k per head, and of the attention and FFN outputs before their residuals
+    ggml_tensor *attn_q_norm = nullptr, *attn_k_norm = nullptr;  // [head_dim]
+    ggml_tensor *attn_post_norm = nullptr, *ffn_post_norm = nullptr;  // [n_embd]
 };
 
 // A LoRA adapter (llama.cpp's format): W x + scale * B (A x) for each adapted matrix, with

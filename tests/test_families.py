@@ -5,7 +5,8 @@ and with CoreMatching. One small test per family and check (mlx-lm's tests/test_
 Families: LLaVA-1.5 (one image chunk), SmolVLM / Idefics3 (tiles and a global image, text tokens
 between them), LLaVA-1.6 (anyres slices and an overview, adjacent chunks), Qwen2.5-VL (one chunk
 per image on a 2-D grid of M-RoPE positions, dynamic resolution), Qwen2-VL (the same text side, an
-older vision tower).
+older vision tower), Gemma 3 (the gemma3 text model: sliding-window layers, image rows attending
+to their whole image).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from cmx.vision import mrope_positions, prompt_segments
 FAMILIES = list(vf.FAMILIES)
 # image tokens mtmd gives each family's test images (tests/vlm_families.py: *_IMAGES)
 IMAGE_TOKENS = {"llava15": [576, 576, 576], "smolvlm": [5 * 16, 3 * 16, 3 * 16], "llava16": [5 * 64, 3 * 64, 64],
-                "qwen25vl": [8 * 6, 5 * 7, 4 * 4], "qwen2vl": [8 * 6, 5 * 7, 4 * 4]}
+                "qwen25vl": [8 * 6, 5 * 7, 4 * 4], "qwen2vl": [8 * 6, 5 * 7, 4 * 4], "gemma3": [64, 64, 64]}
 # image chunks per image
-IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "qwen25vl": [1, 1, 1], "qwen2vl": [1, 1, 1]}
-TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "qwen25vl": "qwen2vl", "qwen2vl": "qwen2vl"}
+IMAGE_CHUNKS = {"llava15": [1, 1, 1], "smolvlm": [5, 3, 3], "llava16": [5, 3, 1], "qwen25vl": [1, 1, 1], "qwen2vl": [1, 1, 1],
+                "gemma3": [1, 1, 1]}
+TEXT_ARCH = {"llava15": "llama", "smolvlm": "llama", "llava16": "llama", "qwen25vl": "qwen2vl", "qwen2vl": "qwen2vl",
+             "gemma3": "gemma3"}
 PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "qwen25vl": "qwen2.5vl_merger",
-             "qwen2vl": "qwen2vl_merger"}
+             "qwen2vl": "qwen2vl_merger", "gemma3": "gemma3"}
 # the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF); a GPU's (tests/devices.py)
 MAX_ABS_DIFF = bound(1e-4, 2e-2)
 QUESTION = "What is in the picture?"
@@ -90,6 +93,18 @@ def test_text_model_as_llama_cpps_converter_writes_it(family_pair, family, conve
     got = json.loads(json.dumps(vf.text_layout(text)))
     assert got["keys"] == want["keys"]
     assert got["tensors"] == want["tensors"]
+
+
+def test_gemma3_files_as_llama_cpps_converter_writes_them(family_pair):
+    """Both files of the tiny Gemma 3 against what ``convert_hf_to_gguf.py`` (its Gemma3Model and
+    Gemma3VisionModel) wrote for the same model, --outtype f32: every key, type and value (the
+    vocabulary arrays by length and hash), every tensor name, type and shape, in order."""
+    text, mmproj, _ = family_pair("gemma3")
+    want = json.loads((DATA / "gemma3.json").read_text())
+    for what, path in (("text", text), ("mmproj", mmproj)):
+        got = json.loads(json.dumps(vf.gguf_layout(path, summarize_over=64)))
+        assert got["keys"] == want[what]["keys"], what
+        assert got["tensors"] == want[what]["tensors"], what
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -420,3 +435,147 @@ def test_rope_pos_only_for_mrope_models(family_pair, tiny_model_path):
     q = cmx.Model(qwen_text, n_ctx=64)._engine
     with pytest.raises(ValueError, match="rope_pos must have shape"):
         q.decode(np.array([1, 2], np.int32), np.array([0, 1], np.int32), np.array([1], np.int32), rope_pos=np.zeros((2, 3), np.int32))
+
+
+# ---------------------------------------------------------------- Gemma 3: its attention and its FFN
+
+
+def test_gemma3_image_split_by_the_batch_stays_whole(family_pair):
+    """An image that would straddle two n_batch graphs starts a new one (llama.cpp decodes an
+    image chunk in one ubatch, its rows attending to each other both ways): with n_batch 100 the
+    second image (rows 70-133) would be cut at row 100 (its first rows then missing its last
+    ones); the prompt's logits and the greedy answer still equal llama-cpp-python's."""
+    pair = family_pair("gemma3")
+    text, mmproj, images = pair
+    messages = [turn("Compare the two pictures.", images[0], images[1])]
+    m = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, n_batch=100)
+    prompt_text, _ = m._template.prompt(messages, m.vision.marker)
+    ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=16)
+    ours = m._prefill_chat(messages, None)
+    assert m.last_stats["n_prompt"] > 134 and m.image_spans == [(4, 64), (70, 64)]
+    assert np.abs(ours - ref_logits[-1]).max() < MAX_ABS_DIFF
+    m.reset()
+    assert m.chat(messages, max_tokens=16) == m.detokenize(ref_answer)
+
+
+def test_gemma3_sliding_window_over_several_graphs(family_pair):
+    """A text prompt three times the 32-token window, evaluated in graphs of 24 rows: every row's
+    logits equal llama.cpp's (its sliding-window mask: a row sees the 32 positions up to itself in
+    layers 0-4 and 6, everything in layer 5), and so do the decode steps past the window."""
+    import llama_cpp
+
+    text, mmproj, _ = family_pair("gemma3")
+    m = cmx.Model(text, n_ctx=512, n_threads=2, n_batch=24)
+    tokens = m.tokenize("The window slides over this prompt: " + " ".join(f"item {i} is {i * 7 % 11}" for i in range(18)))
+    assert 3 * vf.GEMMA3_WINDOW < len(tokens) < 200
+    ours = m.logits(tokens)
+    ref = llama_cpp.Llama(text, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+    ref.eval(tokens)
+    theirs = np.array(ref.scores[: len(tokens)])
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert np.abs(ours - theirs).max() < MAX_ABS_DIFF
+    answer, last = [], theirs[-1]
+    for _ in range(12):  # llama.cpp's greedy continuation, token by token, to an end of generation
+        if m._vocab.is_eog(int(np.argmax(last))):
+            break
+        answer.append(int(np.argmax(last)))
+        ref.eval([answer[-1]])
+        last = np.array(ref.scores[ref.n_tokens - 1])
+    ref.close()
+    assert len(answer) > 0 and list(m.generate(tokens, max_tokens=12, sparsity=None)) == answer
+
+
+def test_gemma3_pruned_path_keeps_images_bidirectional(family_pair, monkeypatch):
+    """Token pruning's two stages (layers 0..K over every row, the later layers over the kept
+    ones) with every image token kept: the dense logits. The kept rows of an image still attend
+    to each other both ways after layer K."""
+    from cmx import selection
+
+    pair = family_pair("gemma3")
+    _, _, images = pair
+    messages = [turn(QUESTION, images[0], images[1])]
+    m = model(pair)
+    dense = m._prefill_chat(messages, None)
+    m.reset()
+    monkeypatch.setattr(selection, "choose", lambda _select, embd, *a, **k: (list(range(len(embd))), None))
+    pruned = m._prefill_chat(messages, cmx.Sparsity(neurons=False, select="random", budget=64))
+    assert m.last_stats["kept_image_tokens"] == [list(range(64))] * 2
+    assert np.abs(pruned - dense).max() < 1e-5
+
+
+def test_gemma3_core_neurons_read_the_gelu_gated_ffn(family_pair, tmp_path):
+    """Core neurons S in every layer: the compact decode FFN of the model equals, bit for bit, the
+    compact FFN of a model whose other neurons' gate and up rows are zero (it reads the rows of S
+    only), and that model's dense FFN (GELU(0) * 0 = 0 for the others) up to the rounding of the
+    shorter reductions, which these random layers amplify to ~1e-3; the full model's dense logits
+    differ by more than 1 (the other neurons matter; a SwiGLU in place of the GELU gating too)."""
+    import torch
+
+    tok = vf.gemma3_tokenizer()
+    hf = vf.build_tiny_gemma3(tok)
+    n_ff = hf.config.text_config.intermediate_size
+    core = [sorted(np.random.default_rng(il).choice(n_ff, n_ff // 3, replace=False).tolist()) for il in range(7)]
+    full = cmx.Model(vf.export_gemma3_text(hf, tok, tmp_path / "full.gguf"), n_threads=2)
+    with torch.no_grad():
+        for layer, keep in zip(hf.model.language_model.layers, core):
+            off = torch.ones(n_ff, dtype=torch.bool)
+            off[keep] = False
+            layer.mlp.gate_proj.weight[off] = 0.0
+            layer.mlp.up_proj.weight[off] = 0.0
+    zeroed = cmx.Model(vf.export_gemma3_text(hf, tok, tmp_path / "zeroed.gguf"), n_threads=2)
+    tokens = np.array(full.tokenize("Core neurons of a gated GELU feed-forward network"), np.int32)
+    dense_full, dense_zeroed = full.logits(tokens), zeroed.logits(tokens)
+    compact = []
+    for m in (full, zeroed):
+        e = m._engine
+        e.clear()
+        e.set_ffn_neurons(core)
+        assert [len(s) for s in e.ffn_neurons()] == [len(s) for s in core]
+        rows = np.arange(len(tokens), dtype=np.int32)
+        compact.append(e.decode(tokens, rows, rows))
+    assert np.array_equal(compact[0], compact[1])
+    assert (compact[0].argmax(1) == dense_zeroed.argmax(1)).all()
+    assert np.abs(compact[0] - dense_zeroed).max() < 1e-2
+    assert np.abs(dense_full - dense_zeroed).max(axis=1).min() > 1.0
+
+
+def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
+    """The window pattern as llama.cpp reads it: a period key, or one flag per layer; the logit
+    soft cap; files missing a Gemma 3 tensor or with a pattern of the wrong type are refused with
+    a message."""
+    import gguf
+    import llama_cpp
+
+    shape = dict(n_embd=64, n_ff=128, n_layer=7, n_head=4, n_head_kv=2, head_dim=16, window=8)
+    tokens = list(range(40, 80))
+
+    def logits(name, **kw):
+        m = cmx.Model(vf.write_random_gemma3_text(tmp_path / name, **shape, **kw), n_ctx=256, n_threads=2, n_batch=16)
+        return m.logits(tokens)
+
+    six = logits("default.gguf")
+    info = cmx.Model(str(tmp_path / "default.gguf"), n_ctx=64).info
+    assert info["sliding_window"] == 8 and info["sliding_window_layers"] == [0, 1, 2, 3, 4, 6]
+    flags = [i % 6 < 5 for i in range(7)]
+    assert np.array_equal(logits("period.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 6)]), six)
+    assert np.array_equal(logits("flags.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags)]), six)
+    # every layer global, or every layer sliding (period 0): other logits
+    assert np.abs(logits("global.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [False] * 7)]) - six).max() > 1e-3
+    assert np.abs(logits("sliding.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 0)]) - six).max() > 1e-3
+    # final_logit_softcapping (gemma-2 style; Gemma 3's converter writes it when the config has one)
+    capped = logits("capped.gguf", extra_keys=[("gemma3.final_logit_softcapping", 2.0)])
+    assert np.abs(capped - 2.0 * np.tanh(six / 2.0)).max() < 1e-5 and np.abs(six).max() > 2.0
+    # a shorter array: the layers past its end are global (llama.cpp's reading); an array of
+    # another element type is refused
+    short = logits("short.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags[:5])])
+    assert np.array_equal(short, logits("padded.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags[:5] + [False] * 2)]))
+    ref = llama_cpp.Llama(str(tmp_path / "short.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    ref.eval(tokens)
+    assert np.abs(np.array(ref.scores[: len(tokens)]) - short).max() < MAX_ABS_DIFF
+    ref.close()
+    with pytest.raises(cmx.ModelLoadError, match="sliding_window_pattern' is not an array of bool, int32 or uint32 flags"):
+        logits("floats.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [1.0] * 7)])
+    with pytest.raises(cmx.ModelLoadError, match="missing tensor 'blk.2.attn_q_norm.weight'"):
+        logits("no-qnorm.gguf", skip=("blk.2.attn_q_norm.weight",))
+    assert gguf.GGUFReader(str(tmp_path / "flags.gguf")).fields["gemma3.attention.sliding_window_pattern"].types[-1] == \
+        gguf.GGUFValueType.BOOL

@@ -412,8 +412,8 @@ def mixed_batch(n_images: int, image_rows: int, n_embd: int, seed: int = 0):
     return i32(rows), embd, spans, len(rows) - 4
 
 
-def build_every_graph(path: str, n_embd: int, *, lora: str = "", neurons: bool = True, full: bool = True
-                      ) -> tuple[list[dict], set[int]]:
+def build_every_graph(path: str, n_embd: int, *, lora: str = "", neurons: bool = True, full: bool = True,
+                      n_layer: int = N_LAYER) -> tuple[list[dict], set[int]]:
     """Runs every kind of evaluation the engine offers on one model and returns the graphs it
     built (and the statistics ops' kmax values). full=False: only what the weight type changes
     (dense and CoreMatching prefill, decode with compact weights), for the other weight types."""
@@ -427,7 +427,7 @@ def build_every_graph(path: str, n_embd: int, *, lora: str = "", neurons: bool =
 
     def sp(**kw):
         kw.setdefault("neurons", neurons)
-        p = cmx.Sparsity(prune_layer=1, **kw).to_core(N_LAYER)
+        p = cmx.Sparsity(prune_layer=1, **kw).to_core(n_layer)
         kmax.add(int(np.floor(p.rho * n_ff)))
         return p
 
@@ -496,7 +496,7 @@ def build_every_graph(path: str, n_embd: int, *, lora: str = "", neurons: bool =
     # a profile's thresholds instead of sorting, then a second turn on the pruned cache
     e = engine()
     p = sp()
-    p.thresholds = [0.05] * N_LAYER
+    p.thresholds = [0.05] * n_layer
     prefill(e, rows, embd, scored, anchor, p)
     decode_steps(e, len(rows))
     e.truncate(len(rows))
@@ -595,6 +595,27 @@ def test_graphs_with_a_lora_adapter_run_on_metal(tmp_path, modules):
     assert graph_violations(graphs, kmax=kmax) == []
 
 
+def test_gemma3_graphs_run_on_metal(tmp_path):
+    """The gemma3 text model (tests/vlm_families.py's tiny one, f32 and quantized): every graph kind,
+    with its q/k norms, post norms, scaled queries and token embeddings, GELU-gated FFN (dense,
+    pruned, and the compact core-neuron decode), sliding-window layers besides a global one."""
+    import vlm_families as vf
+
+    tok = vf.gemma3_tokenizer()
+    f32 = vf.export_gemma3_text(vf.build_tiny_gemma3(tok), tok, tmp_path / "gemma3-f32.gguf")
+    # llama.cpp's Q4_K_M recipe (rows of 64 are no multiple of 256: its fallback types)
+    quantized = tiny_models.quantize_with_llama_cpp(f32, str(tmp_path / "gemma3-q4_k_m.gguf"), "q4_k_m")
+    for path, full in ((f32, True), (quantized, False)):
+        graphs, kmax = build_every_graph(path, 64, full=full, n_layer=7)
+        expected = FULL_RUN if full else WEIGHT_TYPE_RUN
+        assert expected <= features(graphs), expected - features(graphs)
+        core_geglu = [n for g in graphs if g["call"] == "decode" for n in g["nodes"]
+                      if n["kind"] == "GEGLU" and n["src"][0]["ne"][0] < 128]  # [k core neurons, n_rows]
+        assert core_geglu and not any(n["kind"] == "SWIGLU" for g in graphs for n in g["nodes"])
+        assert sum(n["op"] == "RMS_NORM" for n in graphs[0]["nodes"]) == 7 * 6 + 1  # attn, q, k, post-attn, ffn, post-ffw; output
+        assert graph_violations(graphs, kmax=kmax) == []
+
+
 # ---------------------------------------------------------------- through cmx.Model, as a user runs it
 
 @pytest.fixture(scope="module")
@@ -643,4 +664,23 @@ def test_qwen25vl_chat_graphs_run_on_metal(tmp_path):
     m.chat(msg[:1], max_tokens=2, sparsity=None)
     graphs = m._engine.recorded_graphs()
     assert {"mrope", "statistics", "mixed rows", "core decode", "kept rows after K"} <= features(graphs)
+
+
+def test_gemma3_chat_graphs_run_on_metal(tmp_path):
+    """Gemma 3 through cmx.Model: two images (each decoded bidirectionally, the second moved to a
+    new graph by n_batch), CoreMatching with core neurons in every layer, a second turn."""
+    import vlm_families as vf
+
+    text, mmproj, images = vf.export_gemma3_pair(tmp_path)
+    m = cmx.Model(text, mmproj=mmproj, n_ctx=1024, n_batch=100, n_threads=1)
+    m._engine.record_graphs(True)
+    image = lambda path: {"type": "image_url", "image_url": {"url": path}}  # noqa: E731
+    msg = [{"role": "user", "content": [image(images[0]), image(images[1]), {"type": "text", "text": "What differs?"}]}]
+    answer = m.chat(msg, max_tokens=3, sparsity=cmx.Sparsity(prune_layer=1, dense_layers=()))
+    msg += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And now?"}]
+    m.chat(msg, max_tokens=3, sparsity=cmx.Sparsity(prune_layer=1, dense_layers=()))
+    m.reset()
+    m.chat(msg[:1], max_tokens=2, sparsity=None)
+    graphs = m._engine.recorded_graphs()
+    assert {"statistics", "mixed rows", "core decode", "kept rows after K"} <= features(graphs)
     assert graph_violations(graphs) == []

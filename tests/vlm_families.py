@@ -25,12 +25,20 @@ Families (``FAMILIES``):
   each its own image chunk, slices first and the overview last, with no text between them; the
   pinned clip.cpp reads ``v.image_newline`` (not the file's ``model.image_newline``) and its llava
   graph does not use it, so no row-end embedding is added.
+* ``gemma3``: Gemma 3. ``convert_hf_to_gguf.py DIR`` writes the ``gemma3`` text model (Gemma3Model:
+  every RMS norm weight stored plus one, sliding window and local RoPE base, linear RoPE scaling
+  of the global layers, tied output) and ``--mmproj`` the SigLIP tower with the ``gemma3``
+  projector (Gemma3VisionModel: ``mm.input_projection.weight`` in f16, ``mm.soft_emb_norm``).
+  mtmd resizes each image to the tower's input and pools it into one chunk between the text
+  tokens ``<start_of_image>`` and ``<end_of_image>``, and llama.cpp decodes the chunk with
+  non-causal attention (``mtmd_decode_use_non_causal``).
 
 Each ``export_*_pair(out)`` returns ``(text path, mmproj path, [image paths])``.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -508,23 +516,300 @@ def export_qwen25vl_pair(out, text_type: str = "f32"):
     return text, mmproj, _save_images(out, QWEN_VL_IMAGES)
 
 
+# ---------------------------------------------------------------------------------------------
+# Gemma 3
+# ---------------------------------------------------------------------------------------------
+
+from test_chat_templates import GEMMA3 as GEMMA3_TEMPLATE  # noqa: E402  (gemma-3-4b-it's template)
+
+# Gemma 3's special tokens (its tokenizer's spelling), added to SmolLM2's: mtmd wraps each image in
+# <start_of_image> ... <end_of_image>; the template writes the turns
+GEMMA3_SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+# the tiny Gemma 3: 128 px images of 8 px patches (16 x 16), average-pooled 2 x 2 into 64 tokens
+# (mtmd resizes every image to 128 x 128: one chunk of 64 tokens); 7 layers, so that layer 5 is
+# the global one of the pattern (every 6th) and layer 6 slides again; a 32-token window, shorter
+# than an image, so that the test prompts cross it
+GEMMA3_IMAGE, GEMMA3_PATCH, GEMMA3_TOKENS, GEMMA3_WINDOW = 128, 8, 64, 32
+GEMMA3_IMAGES = [(160, 120), (100, 140), (90, 90)]
+
+
+@functools.lru_cache(maxsize=1)
+def gemma3_tokenizer():
+    """SmolLM2's tokenizer with Gemma 3's special tokens and chat template (built once: it is
+    only read)."""
+    tok = lt.load_smollm2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": GEMMA3_SPECIAL})
+    tok.chat_template = GEMMA3_TEMPLATE
+    return tok
+
+
+def build_tiny_gemma3(tok, *, seed: int = 0, text_hidden: int = 64, vision_hidden: int = 48, n_layer: int = 7,
+                      window: int = GEMMA3_WINDOW, head_dim: int = 16, intermediate: int | None = None):
+    """A random tiny ``Gemma3ForConditionalGeneration`` in float32, eval mode: GQA (4 heads, 2 KV),
+    linear RoPE scaling (factor 8) on the global layers with their own base, as gemma-3-4b has."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    ids = {s: tok.convert_tokens_to_ids(s) for s in GEMMA3_SPECIAL}
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=intermediate or 2 * text_hidden,
+                         num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         query_pre_attn_scalar=head_dim, sliding_window=window, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=GEMMA3_IMAGE, patch_size=GEMMA3_PATCH, layer_norm_eps=1e-6, vision_use_head=False),
+        mm_tokens_per_image=GEMMA3_TOKENS, image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"])
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg).eval().to(torch.float32)
+    lt.randomize(model, seed)
+    with torch.no_grad():  # entries ~ 1/sqrt(n_embd) as Gemma's own: rows of unit variance once scaled by sqrt(n_embd), so
+        model.model.language_model.embed_tokens.weight.mul_(text_hidden ** -0.5)  # the tied output does not just echo the input
+    return model
+
+
+def _gemma3_vocab(w, tok) -> None:
+    """The tokenizer keys ``convert_hf_to_gguf.py`` writes for a tokenizer.json (BPE) Gemma 3: its
+    get_vocab_base (added tokens CONTROL when special, else USER_DEFINED) and SpecialVocab."""
+    import json
+
+    import gguf
+
+    tj = json.loads(tok.backend_tokenizer.to_str())
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(len(tok)):
+        t = reverse.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if decoder[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", [int(t) for t in types])
+    w.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unknown", tok.unk_token_id), ("padding", tok.pad_token_id)):
+        if value is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
+    w.add_string("tokenizer.chat_template", tok.chat_template)
+
+
+def _gemma3_writer(path, name, tok, *, n_layer, n_ctx, n_embd, n_ff, n_head, n_head_kv, head_dim, rope_factor, rope_base,
+                   rope_base_swa, eps, window, file_type: int = 0):
+    """A GGUFWriter holding the keys of a gemma3 text GGUF, in the converter's order."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_type("model")
+    w.add_name(name)
+    w.add_uint32("gemma3.block_count", n_layer)
+    w.add_uint32("gemma3.context_length", n_ctx)
+    w.add_uint32("gemma3.embedding_length", n_embd)
+    w.add_uint32("gemma3.feed_forward_length", n_ff)
+    w.add_uint32("gemma3.attention.head_count", n_head)
+    w.add_uint32("gemma3.attention.head_count_kv", n_head_kv)
+    w.add_string("gemma3.rope.scaling.type", "linear")
+    w.add_float32("gemma3.rope.scaling.factor", rope_factor)
+    w.add_float32("gemma3.rope.freq_base", rope_base)
+    w.add_float32("gemma3.rope.freq_base_swa", rope_base_swa)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", eps)
+    w.add_uint32("gemma3.attention.key_length", head_dim)
+    w.add_uint32("gemma3.attention.value_length", head_dim)
+    w.add_file_type(file_type)
+    w.add_uint32("gemma3.attention.sliding_window", window)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _gemma3_vocab(w, tok)
+    return w
+
+
+def write_random_gemma3_text(path, *, n_embd: int, n_ff: int, n_layer: int, n_head: int, n_head_kv: int, head_dim: int,
+                             window: int = 512, seed: int = 0, name: str = "random-gemma3", extra_keys=(),
+                             skip=()) -> str:
+    """A random gemma3 text GGUF in f16 of any size (benchmarks: tools/bench_engine.py), with
+    the tiny model's tokenizer and keys; weights drawn one tensor at a time (rows of unit-variance
+    outputs, norms around 1, embeddings at Gemma's scale). extra_keys: (name, value) pairs added
+    (uint32, float32, or lists of bools); skip: tensor names left out (bad files for the loader's tests)."""
+    tok = gemma3_tokenizer()
+    w = _gemma3_writer(path, name, tok, n_layer=n_layer, n_ctx=8192, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                       head_dim=head_dim, rope_factor=8.0, rope_base=1000000.0, rope_base_swa=10000.0, eps=1e-6, window=window,
+                       file_type=1)
+    for key, value in extra_keys:
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    rng = np.random.default_rng(seed)
+
+    def matrix(n_out, n_in):
+        return (rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)).astype(np.float16)
+
+    def norm(n):
+        return (1.0 + 0.2 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    w.add_tensor("token_embd.weight", (rng.standard_normal((len(tok), n_embd), dtype=np.float32) / np.sqrt(n_embd)).astype(np.float16))
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        for tname, t in ((p + "attn_norm.weight", norm(n_embd)), (p + "ffn_down.weight", matrix(n_embd, n_ff)),
+                         (p + "ffn_gate.weight", matrix(n_ff, n_embd)), (p + "ffn_up.weight", matrix(n_ff, n_embd)),
+                         (p + "post_attention_norm.weight", norm(n_embd)), (p + "post_ffw_norm.weight", norm(n_embd)),
+                         (p + "ffn_norm.weight", norm(n_embd)), (p + "attn_k_norm.weight", norm(head_dim)),
+                         (p + "attn_k.weight", matrix(kv, n_embd)), (p + "attn_output.weight", matrix(n_embd, q)),
+                         (p + "attn_q_norm.weight", norm(head_dim)), (p + "attn_q.weight", matrix(q, n_embd)),
+                         (p + "attn_v.weight", matrix(kv, n_embd))):
+            if tname not in skip:
+                w.add_tensor(tname, t)
+    w.add_tensor("output_norm.weight", norm(n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
+    """The text GGUF ``convert_hf_to_gguf.py DIR --outtype f32`` writes for this model (its
+    Gemma3Model class, llama-cpp-python 0.3.36's llama.cpp): the same keys, value types and
+    values in the same order (its duplicate keys keep their first place), the same tensors in the
+    checkpoint's order. Every RMS norm weight is stored plus one (Gemma3RMSNorm multiplies by
+    1 + w); the output is tied (no output.weight). tests/data/families/gemma3.json holds what
+    the converter wrote."""
+    tc = model.config.text_config
+    rope = tc.rope_parameters
+    w = _gemma3_writer(path, name, tok, n_layer=tc.num_hidden_layers, n_ctx=tc.max_position_embeddings, n_embd=tc.hidden_size,
+                       n_ff=tc.intermediate_size, n_head=tc.num_attention_heads, n_head_kv=tc.num_key_value_heads,
+                       head_dim=tc.head_dim, rope_factor=rope["full_attention"]["factor"], rope_base=rope["full_attention"]["rope_theta"],
+                       rope_base_swa=rope["sliding_attention"]["rope_theta"], eps=tc.rms_norm_eps, window=tc.sliding_window)
+
+    lm = model.model.language_model
+    tensors = [("token_embd.weight", lm.embed_tokens.weight, 0.0)]
+    for il, layer in enumerate(lm.layers):  # the checkpoint's (sorted) order of HF names
+        p, att = f"blk.{il}.", layer.self_attn
+        tensors += [
+            (p + "attn_norm.weight", layer.input_layernorm.weight, 1.0), (p + "ffn_down.weight", layer.mlp.down_proj.weight, 0.0),
+            (p + "ffn_gate.weight", layer.mlp.gate_proj.weight, 0.0), (p + "ffn_up.weight", layer.mlp.up_proj.weight, 0.0),
+            (p + "post_attention_norm.weight", layer.post_attention_layernorm.weight, 1.0),
+            (p + "post_ffw_norm.weight", layer.post_feedforward_layernorm.weight, 1.0),
+            (p + "ffn_norm.weight", layer.pre_feedforward_layernorm.weight, 1.0),
+            (p + "attn_k_norm.weight", att.k_norm.weight, 1.0), (p + "attn_k.weight", att.k_proj.weight, 0.0),
+            (p + "attn_output.weight", att.o_proj.weight, 0.0), (p + "attn_q_norm.weight", att.q_norm.weight, 1.0),
+            (p + "attn_q.weight", att.q_proj.weight, 0.0), (p + "attn_v.weight", att.v_proj.weight, 0.0),
+        ]
+    tensors.append(("output_norm.weight", lm.norm.weight, 1.0))
+    for tname, t, shift in tensors:
+        w.add_tensor(tname, _f32(t) + np.float32(shift))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_gemma3_mmproj(model, path, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), name: str = "tiny-gemma3") -> str:
+    """The mmproj ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` writes for this model (its
+    Gemma3VisionModel class): SigLIP tower ``v.*``, projector ``mm.input_projection.weight`` (f16
+    whatever the outtype, as the converter forces it) and ``mm.soft_emb_norm.weight`` (plus one),
+    ``clip.vision.projector.scale_factor`` written because the pooling is not Gemma 3's 4."""
+    import gguf
+
+    v = model.config.vision_config
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type("mmproj")
+    w.add_name(name)
+    w.add_file_type(0)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", model.config.text_config.hidden_size)
+    w.add_uint32("clip.vision.image_size", v.image_size)
+    w.add_uint32("clip.vision.patch_size", v.patch_size)
+    w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+    w.add_uint32("clip.vision.feed_forward_length", v.intermediate_size)
+    w.add_uint32("clip.vision.block_count", v.num_hidden_layers)
+    w.add_uint32("clip.vision.attention.head_count", v.num_attention_heads)
+    w.add_array("clip.vision.image_mean", list(mean))
+    w.add_array("clip.vision.image_std", list(std))
+    w.add_string("clip.projector_type", "gemma3")
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
+    w.add_bool("clip.use_gelu", True)
+    n_per_side = int(model.config.mm_tokens_per_image ** 0.5)
+    scale = (v.image_size // v.patch_size) // n_per_side
+    if scale > 0 and scale != 4:
+        w.add_uint32("clip.vision.projector.scale_factor", scale)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    proj, vm = model.model.multi_modal_projector, model.model.vision_tower
+    vm = getattr(vm, "vision_model", vm)  # transformers 4 has the extra level
+    emb = vm.embeddings
+    w.add_tensor("mm.input_projection.weight", _f32(proj.mm_input_projection_weight).astype(np.float16))
+    w.add_tensor("mm.soft_emb_norm.weight", _f32(proj.mm_soft_emb_norm.weight) + np.float32(1.0))
+    tensors = [("v.patch_embd.bias", emb.patch_embedding.bias), ("v.patch_embd.weight", emb.patch_embedding.weight),
+               ("v.position_embd.weight", emb.position_embedding.weight)]
+    for il, layer in enumerate(vm.encoder.layers):  # the checkpoint's (sorted) order of HF names
+        p, att = f"v.blk.{il}.", layer.self_attn
+        tensors += [
+            (p + "ln1.bias", layer.layer_norm1.bias), (p + "ln1.weight", layer.layer_norm1.weight),
+            (p + "ln2.bias", layer.layer_norm2.bias), (p + "ln2.weight", layer.layer_norm2.weight),
+            (p + "ffn_up.bias", layer.mlp.fc1.bias), (p + "ffn_up.weight", layer.mlp.fc1.weight),
+            (p + "ffn_down.bias", layer.mlp.fc2.bias), (p + "ffn_down.weight", layer.mlp.fc2.weight),
+            (p + "attn_k.bias", att.k_proj.bias), (p + "attn_k.weight", att.k_proj.weight),
+            (p + "attn_out.bias", att.out_proj.bias), (p + "attn_out.weight", att.out_proj.weight),
+            (p + "attn_q.bias", att.q_proj.bias), (p + "attn_q.weight", att.q_proj.weight),
+            (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
+        ]
+    tensors += [("v.post_ln.bias", vm.post_layernorm.bias), ("v.post_ln.weight", vm.post_layernorm.weight)]
+    for tname, t in tensors:
+        w.add_tensor(tname, _f32(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def export_gemma3_pair(out, text_type: str = "f32"):
+    if text_type != "f32":
+        raise ValueError("the tiny Gemma 3 is written in f32 (the converter's --outtype f32)")
+    tok = gemma3_tokenizer()
+    model = build_tiny_gemma3(tok)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = export_gemma3_text(model, tok, out / "tiny-gemma3.gguf")
+    mmproj = export_gemma3_mmproj(model, out / "mmproj-tiny-gemma3.gguf")
+    return text, mmproj, _save_images(out, GEMMA3_IMAGES)
+
+
 def export_llava15_pair(out, text_type: str = "f32"):
     return lt.export_tiny_pair(Path(out), text_type=text_type, mmproj_type="f32", n_images=3)
 
 
 FAMILIES = {"llava15": export_llava15_pair, "smolvlm": export_smolvlm_pair, "llava16": export_llava16_pair,
-            "qwen25vl": export_qwen25vl_pair, "qwen2vl": export_qwen2vl_pair}
+            "qwen25vl": export_qwen25vl_pair, "qwen2vl": export_qwen2vl_pair, "gemma3": export_gemma3_pair}
 
 
-def gguf_layout(path) -> dict:
+def gguf_layout(path, summarize_over: int | None = None) -> dict:
     """What tests/data/families/*_converter.json hold of a GGUF: every key but general.name and
     general.size_label (name, value types, value; floats to 6 significant places) and every tensor
-    (name, type, shape), in file order."""
+    (name, type, shape), in file order. summarize_over: an array longer than that (a vocabulary)
+    is recorded as its length and the sha256 of its JSON."""
+    import hashlib
+    import json
+
     import gguf
 
     r = gguf.GGUFReader(str(path))
 
     def rounded(v):
+        if isinstance(v, list) and summarize_over is not None and len(v) > summarize_over:
+            return [len(v), hashlib.sha256(json.dumps(v).encode()).hexdigest()]
         return [rounded(x) for x in v] if isinstance(v, list) else (float(f"{v:.6g}") if isinstance(v, float) else v)
 
     keys = [[k, [t.name for t in f.types], rounded(f.contents())] for k, f in r.fields.items()

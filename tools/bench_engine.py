@@ -8,11 +8,16 @@ cmx / llama.cpp (target >= 0.95 on both).
 
     python tools/bench_engine.py [--model PATH | --random qwen2vl [--random-ftype q4_0]] [--threads 2] [--reps 5]
         [--device auto|cpu]
+    python tools/bench_engine.py --random-gemma3 [--out DIR]   # a ~520M-parameter random gemma3 model, Q4_0
 
 --random qwen2vl: a random-weight ~0.4B-parameter qwen2vl model (Qwen2.5-VL's text architecture:
 q/k/v biases, M-RoPE sections 8/12/12/0 of 64-wide heads) of Qwen2.5-0.5B's shape (n_embd 896,
 n_ff 4864, 24 layers, 14 heads / 2 KV heads) with a synthetic 32000-token vocabulary, written by
 tools/bench_corematching.py's writer and quantized by llama.cpp (cached in ~/.cache/cmx-bench/).
+
+--random-gemma3 writes (once, into --out) a random `gemma3` text model shaped like a small Gemma 3
+(1024 wide, 22 layers of which 3 global, a 512-token window, 4 heads of 256 with one KV head, FFN
+6144, SmolLM2's 49k vocabulary: 523M parameters) in f16 and quantizes it with llama.cpp to Q4_0.
 
 Both engines run on the same device: with --device auto (the default) cmx takes the GPU of the
 ggml that llama-cpp-python installed when it has one, and llama-cpp-python then offloads every
@@ -112,6 +117,23 @@ def random_model(arch: str, ftype: str) -> str:
     return bench_corematching.ensure_models(RANDOM_MODELS[arch], [ftype])[ftype]
 
 
+def random_gemma3(out: str) -> str:
+    """The --random-gemma3 model, written on first use."""
+    import vlm_families as vf
+
+    os.makedirs(out, exist_ok=True)
+    q4 = os.path.join(out, "random-gemma3-523m-q4_0.gguf")
+    if not os.path.exists(q4):
+        f16 = os.path.join(out, "random-gemma3-523m-f16.gguf")
+        vf.write_random_gemma3_text(f16, n_embd=1024, n_ff=6144, n_layer=22, n_head=4, n_head_kv=1, head_dim=256, window=512)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, 2
+        if llama_cpp.llama_model_quantize(f16.encode(), q4.encode(), params) != 0:
+            sys.exit("llama_model_quantize failed")
+        os.remove(f16)
+    return q4
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     result = fn(*args)
@@ -129,8 +151,13 @@ def main() -> None:
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
                     help="auto: the GPU when ggml has one, for both engines (default); cpu: both on the CPU")
+    ap.add_argument("--random-gemma3", action="store_true", help="benchmark a ~520M-parameter random gemma3 model (Q4_0)")
+    ap.add_argument("--out", default="/tmp/cmx_bench", help="where --random-gemma3 keeps its model files")
     args = ap.parse_args()
-    path = random_model(args.random, args.random_ftype) if args.random else args.model or default_model()
+    if args.random:
+        path = random_model(args.random, args.random_ftype)
+    else:
+        path = random_gemma3(args.out) if args.random_gemma3 else args.model or default_model()
 
     cmx_runner = CmxRunner(path, args.threads, 1024, args.device)
     device = cmx_runner.m.info["device"]

@@ -29,6 +29,14 @@ vendor/llama.cpp of its sdist), run with its own gguf-py, and its converters' re
 * Qwen2-VL: the same with a tiny ``Qwen2VLForConditionalGeneration`` and
   ``vlm_families.export_qwen2vl_mmproj`` (its text model's layout checked, not recorded: it is
   Qwen2.5-VL's).
+* Gemma 3: saves the tiny ``Gemma3ForConditionalGeneration`` (the tower's tensors under the
+  released checkpoints' ``vision_tower.vision_model.*`` names, which transformers 5 no longer
+  writes) with a Gemma 3 tokenizer (SmolLM2's with Gemma 3's special tokens and chat template)
+  and its preprocessor config, runs ``convert_hf_to_gguf.py DIR --mmproj --outtype f32`` and
+  ``convert_hf_to_gguf.py DIR --outtype f32``, compares both files with
+  ``vlm_families.export_gemma3_mmproj`` / ``export_gemma3_text`` (layout and every tensor's data;
+  writes tests/data/families/gemma3.json: both layouts, the vocabulary arrays as length and hash)
+  and runs the converter's pair through the shared runner's checks.
 """
 
 from __future__ import annotations
@@ -111,6 +119,44 @@ def smolvlm(llama_cpp: Path, out: Path, data: Path | None) -> bool:
     vf.export_idefics3_mmproj(model, ours)
     ok = compare("idefics3", conv_mmproj, ours, data)
     ok &= parity("converter's SmolVLM pair", conv_text, conv_mmproj, out)
+    return ok
+
+
+def gemma3(llama_cpp: Path, out: Path, data: Path | None) -> bool:
+    from safetensors.torch import load_file, save_file
+
+    tok = vf.gemma3_tokenizer()
+    model = vf.build_tiny_gemma3(tok)
+    hf = out / "hf_gemma3"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    state = load_file(str(hf / "model.safetensors"))
+    state = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in state.items()}
+    save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    (hf / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "image_seq_length": vf.GEMMA3_TOKENS,
+        "size": {"height": vf.GEMMA3_IMAGE, "width": vf.GEMMA3_IMAGE}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    conv_mmproj, conv_text = out / "converter-mmproj-gemma3.gguf", out / "converter-gemma3.gguf"
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--mmproj", "--outtype", "f32", "--outfile", str(conv_mmproj)], llama_cpp)
+    run([sys.executable, "convert_hf_to_gguf.py", str(hf), "--outtype", "f32", "--outfile", str(conv_text)], llama_cpp)
+    ours_mmproj, ours_text = out / "ours-mmproj-gemma3.gguf", out / "ours-gemma3.gguf"
+    vf.export_gemma3_mmproj(model, ours_mmproj)
+    vf.export_gemma3_text(model, tok, ours_text)
+    ok = True
+    layouts = {}
+    for what, conv, ours in (("mmproj", conv_mmproj, ours_mmproj), ("text", conv_text, ours_text)):
+        want, got = vf.gguf_layout(conv, summarize_over=64), vf.gguf_layout(ours, summarize_over=64)
+        same = json.loads(json.dumps(want)) == json.loads(json.dumps(got))
+        diff = tensor_diff(conv, ours)
+        print(f"gemma3 {what}: layout (keys, types, values; tensor names, types, shapes; order) equal: {same}; "
+              f"max |tensor data diff| {diff}")
+        ok &= same and diff == 0.0
+        layouts[what] = want
+    if data is not None:
+        path = data / "gemma3.json"
+        path.write_text(json.dumps(layouts, separators=(",", ":")) + "\n")
+        print(f"  wrote {path.relative_to(ROOT)}")
+    ok &= parity("converter's Gemma 3 pair", conv_text, conv_mmproj, out, vf.GEMMA3_IMAGES)
     return ok
 
 
@@ -233,6 +279,7 @@ def main(argv=None) -> int:
         ok &= llava16(a.llama_cpp.resolve(), out, data)
         ok &= qwen25vl(a.llama_cpp.resolve(), out, data)
         ok &= qwen2vl(a.llama_cpp.resolve(), out, data)
+        ok &= gemma3(a.llama_cpp.resolve(), out, data)
     print("all equal" if ok else "DIFFERENCES")
     return 0 if ok else 1
 

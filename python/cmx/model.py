@@ -102,7 +102,7 @@ class _GuardedStream:
 
 
 class Model:
-    """A llama / qwen2 / qwen2vl GGUF model on the cmx decoder graph, with an optional mmproj for images.
+    """A llama / qwen2 / qwen2vl / gemma3 GGUF model on the cmx decoder graph, with an optional mmproj for images.
 
     With no path, the embedded default model: SmolLM2-135M-Instruct and the cmx demo projector.
 
