@@ -309,7 +309,7 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
     std::vector<int> sparse;
     for (size_t il = 0; il < neurons.size(); ++il)
         if (!neurons[il].empty() && (int64_t)neurons[il].size() < hp.n_ff) sparse.push_back((int)il);
-    if (sparse.empty()) return release();
+    if (sparse.empty()) return;  // dense decode; the buffers wait for the next answer's copies
 
     ggml_init_params ip = {ggml_tensor_overhead() * 3 * sparse.size() + 1024, nullptr, true};
     ctx_ = ggml_init(ip);

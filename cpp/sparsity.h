@@ -127,7 +127,9 @@ class CompactFfn {
     CompactFfn(const CompactFfn &) = delete;
     CompactFfn &operator=(const CompactFfn &) = delete;
 
-    // neurons[il] empty or all of n_ff: layer il stays dense.
+    // neurons[il] empty or all of n_ff: layer il stays dense. The last build's buffers are reused
+    // where they fit, also after a build with no sparse layer (Model.reset() makes one): the next
+    // answer writes its copies into pages already mapped. release() returns the memory.
     void build(const Model &model, const std::vector<std::vector<int32_t>> &neurons, int n_threads);
     // Forget the copies, keeping their memory for the next build: the next answer's copies are
     // written into pages already mapped (fresh pages cost the kernel's zeroing, ~40% of a build).
