@@ -337,6 +337,11 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
     }
     std::vector<ggml_backend_buffer_t> previous;  // the last build's buffers: reused where they fit
     previous.swap(buffers_);
+    auto fail = [&](const std::string &why) {  // frees this build's buffers and the unused ones
+        buffers_.insert(buffers_.end(), previous.begin(), previous.end());
+        release();
+        throw std::runtime_error(why);
+    };
     for (auto &[buft, tensors] : by_type) {
         size_t align = ggml_backend_buft_get_alignment(buft), total = 0;
         for (ggml_tensor *t : tensors) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
@@ -351,20 +356,12 @@ void CompactFfn::build(const Model &model, const std::vector<std::vector<int32_t
         } else {
             buf = ggml_backend_buft_alloc_buffer(buft, total);
         }
-        if (!buf) {
-            for (auto b : previous) ggml_backend_buffer_free(b);
-            release();
-            throw std::runtime_error("out of memory allocating " + std::to_string(total) + " bytes of core-neuron weights");
-        }
+        if (!buf) fail("out of memory allocating " + std::to_string(total) + " bytes of core-neuron weights");
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         buffers_.push_back(buf);
         ggml_tallocr talloc = ggml_tallocr_new(buf);
         for (ggml_tensor *t : tensors)
-            if (ggml_tallocr_alloc(&talloc, t) != GGML_STATUS_SUCCESS) {
-                for (auto b : previous) ggml_backend_buffer_free(b);
-                release();
-                throw std::runtime_error("cannot allocate core-neuron weights");
-            }
+            if (ggml_tallocr_alloc(&talloc, t) != GGML_STATUS_SUCCESS) fail("cannot allocate core-neuron weights");
     }
     for (auto b : previous) ggml_backend_buffer_free(b);  // what this build could not use
 

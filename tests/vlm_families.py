@@ -56,6 +56,39 @@ def _f32(t) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
 
 
+def _finish(w, path, tensors) -> str:
+    """Add the (name, array) tensors to GGUFWriter w, write the file and close it; its path."""
+    for tname, t in tensors:
+        w.add_tensor(tname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def _siglip_tower_tensors(vm) -> list:
+    """A SigLIP tower's (SmolVLM's, Gemma 3's) tensors under clip.cpp's names, in the checkpoint's
+    (sorted) order of HF names: patch and position embeddings, every block, the post-layernorm."""
+    emb = vm.embeddings
+    tensors = [("v.patch_embd.bias", emb.patch_embedding.bias), ("v.patch_embd.weight", emb.patch_embedding.weight),
+               ("v.position_embd.weight", emb.position_embedding.weight)]
+    for il, layer in enumerate(vm.encoder.layers):  # the checkpoint's (sorted) order of HF names
+        p, att = f"v.blk.{il}.", layer.self_attn
+        tensors += [
+            (p + "ln1.bias", layer.layer_norm1.bias), (p + "ln1.weight", layer.layer_norm1.weight),
+            (p + "ln2.bias", layer.layer_norm2.bias), (p + "ln2.weight", layer.layer_norm2.weight),
+            (p + "ffn_up.bias", layer.mlp.fc1.bias), (p + "ffn_up.weight", layer.mlp.fc1.weight),
+            (p + "ffn_down.bias", layer.mlp.fc2.bias), (p + "ffn_down.weight", layer.mlp.fc2.weight),
+            (p + "attn_k.bias", att.k_proj.bias), (p + "attn_k.weight", att.k_proj.weight),
+            (p + "attn_out.bias", att.out_proj.bias), (p + "attn_out.weight", att.out_proj.weight),
+            (p + "attn_q.bias", att.q_proj.bias), (p + "attn_q.weight", att.q_proj.weight),
+            (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
+        ]
+    tensors += [("v.post_ln.bias", vm.post_layernorm.bias), ("v.post_ln.weight", vm.post_layernorm.weight)]
+    return tensors
+
+
 def test_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A smooth random RGB image of any size (llava_tiny.test_image, cropped from a larger one)."""
     return lt.test_image(size=max(width, height), seed=seed)[:height, :width].copy()
@@ -153,31 +186,8 @@ def export_idefics3_mmproj(model, path, *, longest_edge: int = SMOLVLM_LONGEST_E
     w.add_uint32("clip.vision.preproc_image_size", longest_edge)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    vm = inner.vision_model
-    emb = vm.embeddings
-    tensors = [("mm.model.fc.weight", inner.connector.modality_projection.proj.weight),
-               ("v.patch_embd.bias", emb.patch_embedding.bias), ("v.patch_embd.weight", emb.patch_embedding.weight),
-               ("v.position_embd.weight", emb.position_embedding.weight)]
-    for il, layer in enumerate(vm.encoder.layers):  # the checkpoint's (sorted) order of HF names
-        p, att = f"v.blk.{il}.", layer.self_attn
-        tensors += [
-            (p + "ln1.bias", layer.layer_norm1.bias), (p + "ln1.weight", layer.layer_norm1.weight),
-            (p + "ln2.bias", layer.layer_norm2.bias), (p + "ln2.weight", layer.layer_norm2.weight),
-            (p + "ffn_up.bias", layer.mlp.fc1.bias), (p + "ffn_up.weight", layer.mlp.fc1.weight),
-            (p + "ffn_down.bias", layer.mlp.fc2.bias), (p + "ffn_down.weight", layer.mlp.fc2.weight),
-            (p + "attn_k.bias", att.k_proj.bias), (p + "attn_k.weight", att.k_proj.weight),
-            (p + "attn_out.bias", att.out_proj.bias), (p + "attn_out.weight", att.out_proj.weight),
-            (p + "attn_q.bias", att.q_proj.bias), (p + "attn_q.weight", att.q_proj.weight),
-            (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
-        ]
-    tensors += [("v.post_ln.bias", vm.post_layernorm.bias), ("v.post_ln.weight", vm.post_layernorm.weight)]
-    for tname, t in tensors:
-        w.add_tensor(tname, _f32(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    tensors = [("mm.model.fc.weight", inner.connector.modality_projection.proj.weight), *_siglip_tower_tensors(inner.vision_model)]
+    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def export_text(model_text, lm_head, text_config: dict, tokenizer, path, outtype: str = "f32") -> str:
@@ -353,13 +363,7 @@ def export_qwen2vl_text(model, tok, path, *, name: str = "tiny-qwen2.5-vl") -> s
             (p + "attn_q.weight", att.q_proj.weight), (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
         ]
     tensors.append(("output_norm.weight", lm.norm.weight))
-    for tname, t in tensors:
-        w.add_tensor(tname, _f32(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def export_qwen25vl_mmproj(model, path, *, name: str = "tiny-qwen2.5-vl") -> str:
@@ -410,13 +414,7 @@ def export_qwen25vl_mmproj(model, path, *, name: str = "tiny-qwen2.5-vl") -> str
                 ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
     patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
     tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
-    for tname, t in tensors:
-        w.add_tensor(tname, _f32(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def build_tiny_qwen2vl(tok, *, seed: int = 0, text_hidden: int = 64):
@@ -487,13 +485,7 @@ def export_qwen2vl_mmproj(model, path, *, name: str = "tiny-qwen2-vl") -> str:
                 ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
     patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
     tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
-    for tname, t in tensors:
-        w.add_tensor(tname, _f32(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def export_qwen2vl_pair(out, text_type: str = "f32"):
@@ -669,12 +661,7 @@ def write_random_gemma3_text(path, *, n_embd: int, n_ff: int, n_layer: int, n_he
                          (p + "attn_v.weight", matrix(kv, n_embd))):
             if tname not in skip:
                 w.add_tensor(tname, t)
-    w.add_tensor("output_norm.weight", norm(n_embd))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, path, [("output_norm.weight", norm(n_embd))])
 
 
 def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
@@ -706,13 +693,7 @@ def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
             (p + "attn_q.weight", att.q_proj.weight, 0.0), (p + "attn_v.weight", att.v_proj.weight, 0.0),
         ]
     tensors.append(("output_norm.weight", lm.norm.weight, 1.0))
-    for tname, t, shift in tensors:
-        w.add_tensor(tname, _f32(t) + np.float32(shift))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, path, [(tname, _f32(t) + np.float32(shift)) for tname, t, shift in tensors])
 
 
 def export_gemma3_mmproj(model, path, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), name: str = "tiny-gemma3") -> str:
@@ -748,31 +729,9 @@ def export_gemma3_mmproj(model, path, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.
 
     proj, vm = model.model.multi_modal_projector, model.model.vision_tower
     vm = getattr(vm, "vision_model", vm)  # transformers 4 has the extra level
-    emb = vm.embeddings
     w.add_tensor("mm.input_projection.weight", _f32(proj.mm_input_projection_weight).astype(np.float16))
     w.add_tensor("mm.soft_emb_norm.weight", _f32(proj.mm_soft_emb_norm.weight) + np.float32(1.0))
-    tensors = [("v.patch_embd.bias", emb.patch_embedding.bias), ("v.patch_embd.weight", emb.patch_embedding.weight),
-               ("v.position_embd.weight", emb.position_embedding.weight)]
-    for il, layer in enumerate(vm.encoder.layers):  # the checkpoint's (sorted) order of HF names
-        p, att = f"v.blk.{il}.", layer.self_attn
-        tensors += [
-            (p + "ln1.bias", layer.layer_norm1.bias), (p + "ln1.weight", layer.layer_norm1.weight),
-            (p + "ln2.bias", layer.layer_norm2.bias), (p + "ln2.weight", layer.layer_norm2.weight),
-            (p + "ffn_up.bias", layer.mlp.fc1.bias), (p + "ffn_up.weight", layer.mlp.fc1.weight),
-            (p + "ffn_down.bias", layer.mlp.fc2.bias), (p + "ffn_down.weight", layer.mlp.fc2.weight),
-            (p + "attn_k.bias", att.k_proj.bias), (p + "attn_k.weight", att.k_proj.weight),
-            (p + "attn_out.bias", att.out_proj.bias), (p + "attn_out.weight", att.out_proj.weight),
-            (p + "attn_q.bias", att.q_proj.bias), (p + "attn_q.weight", att.q_proj.weight),
-            (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
-        ]
-    tensors += [("v.post_ln.bias", vm.post_layernorm.bias), ("v.post_ln.weight", vm.post_layernorm.weight)]
-    for tname, t in tensors:
-        w.add_tensor(tname, _f32(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, path, [(tname, _f32(t)) for tname, t in _siglip_tower_tensors(vm)])
 
 
 def export_gemma3_pair(out, text_type: str = "f32"):

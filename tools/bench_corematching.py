@@ -894,14 +894,7 @@ def mrope_report(res: dict) -> str:
 
 
 def write_mrope_outputs(res: dict, args) -> int:
-    md = mrope_report(res)
-    print(md)
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(md)
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(res, f, indent=1, default=float)
+    save_report(mrope_report(res), res, args)
     return 0
 
 
@@ -1094,9 +1087,8 @@ def make_plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_outputs(res: dict, args) -> int:
-    """The report (printed, --out-md), every number (--out-json) and the plot (--plot)."""
-    md, res["targets"] = build_report(res)
+def save_report(md: str, res: dict, args) -> None:
+    """The report (printed, --out-md) and every number (--out-json)."""
     print(md)
     if args.out_md:
         with open(args.out_md, "w") as f:
@@ -1104,6 +1096,12 @@ def write_outputs(res: dict, args) -> int:
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump(res, f, indent=1, default=float)
+
+
+def write_outputs(res: dict, args) -> int:
+    """The report (printed, --out-md), every number (--out-json) and the plot (--plot)."""
+    md, res["targets"] = build_report(res)
+    save_report(md, res, args)
     if args.plot:
         make_plot(res, args.plot)
     return 0

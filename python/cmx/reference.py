@@ -14,6 +14,7 @@ letter, tie-breaking included, and favours plain code over speed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -406,7 +407,7 @@ class CoreMatchingReference:
             position_ids=position_ids,
             use_cache=True,
             position_embeddings=self.decoder.rotary_emb(h, position_ids=position_ids),
-            **{_cache_kwarg(layer): self._kv},
+            **{_cache_kwarg(type(layer)): self._kv},
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -485,10 +486,11 @@ class CoreMatchingReference:
         return image_rows
 
 
-def _cache_kwarg(layer) -> str:
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(layer_class) -> str:
     """The decoder layer's name for its KV cache argument: `cache` since transformers 5.2x,
     `past_key_values` before (an unknown keyword would be swallowed by **kwargs: no cache at all)."""
-    params = inspect.signature(layer.forward).parameters
+    params = inspect.signature(layer_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
