@@ -11,6 +11,7 @@
 #   options: --site DIR (install target, default /tmp/cmx-gpu-site) --out DIR (logs, default ./gpu-check)
 #            --jobs N (test files run at once, default 4) --timeout S (per test file, default 600)
 #            --build-only (stop after the build and the install) --installed (SITE holds both already: test only)
+#            --files "tests/test_a.py tests/test_b.py" (these test files only; default every tests/test_*.py)
 #            --cxx PATH (C++ compiler of the build, also CUDA's host compiler; default /usr/bin/g++ where it
 #            exists, its gcc as the C compiler: a machine's CC/CXX/CUDAHOSTCXX may name a toolchain that links
 #            its C++ runtime statically into each library, as the H200 machine's /opt/gcc does)
@@ -35,7 +36,7 @@
 # OUT/summary.txt has one line per file (passed/failed/crashed and pytest's last line); OUT/<file>.log
 # the output. Exit status 0 when every file passed.
 set -u -o pipefail
-ARCH=90 SITE=/tmp/cmx-gpu-site OUT=./gpu-check JOBS=4 TIMEOUT=600 SDIST= WHEEL= BUILD_ONLY=0 INSTALLED=0 PYTEST_ARGS=()
+ARCH=90 SITE=/tmp/cmx-gpu-site OUT=./gpu-check JOBS=4 TIMEOUT=600 SDIST= WHEEL= BUILD_ONLY=0 INSTALLED=0 PYTEST_ARGS=() FILES=
 CXX_BUILD=$([ -x /usr/bin/g++ ] && echo /usr/bin/g++ || echo "${CXX:-c++}")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,6 +50,7 @@ while [ $# -gt 0 ]; do
     --build-only) BUILD_ONLY=1; shift ;;
     --installed) INSTALLED=1; shift ;;
     --cxx) CXX_BUILD=$2; shift 2 ;;
+    --files) FILES=$2; shift 2 ;;
     --) shift; PYTEST_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
@@ -119,7 +121,7 @@ export -f run_file
 export OUT TIMEOUT PY REPO
 export PYTEST_ARGS_STR="${PYTEST_ARGS[*]:-}"
 t0=$(date +%s)
-(cd "$REPO" && ls tests/test_*.py) | xargs -P "$JOBS" -I{} bash -c 'run_file {}'
+(cd "$REPO" && if [ -n "$FILES" ]; then printf '%s\n' $FILES; else ls tests/test_*.py; fi) | xargs -P "$JOBS" -I{} bash -c 'run_file {}'
 sort -o "$OUT/summary.txt" "$OUT/summary.txt"
 cat "$OUT/summary.txt"
 echo "gpu_check: $(grep -c ': passed' "$OUT/summary.txt") of $(wc -l < "$OUT/summary.txt") files passed in $(( $(date +%s) - t0 )) s"
