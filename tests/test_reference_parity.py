@@ -41,6 +41,7 @@ import contextlib
 import copy
 import functools
 import os
+import sys
 from unittest import mock
 
 import numpy as np
@@ -502,6 +503,54 @@ def test_pruned_two_turn_chat_answers_as_a_fresh_prompt_of_the_history(tiny_llav
     assert len(answer2) > 0
     assert_same_answer(ours2, ref_steps2)
     assert answer2 == [t for t in ours2 if not m._vocab.is_eog(t)]
+
+
+def test_gpu_rules_for_selections(tiny_llava, monkeypatch):
+    """What a GPU's run does where cmx's selection differs from the reference's, run here:
+    assert_same_kept's slack accepts a few tokens at the cut only; the reference given cmx's
+    kept tokens holds those rows after layer K, and core_neuron_acts finds the activations it took
+    its core neurons from (text rows, or all)."""
+    from collections import namedtuple
+
+    Result = namedtuple("Result", "kept scores")
+    r = Result([np.array([0, 1, 2])], [np.array([5, 4, 4, 4, 1, 0])])  # the reference's cut: 4
+    assert_same_kept([[0, 1, 2]], r)
+    assert_same_kept([[0, 1, 3]], r, 1, 4)  # token 3 ties the cut
+    with pytest.raises(pytest.fail.Exception):
+        assert_same_kept([[0, 1, 3]], r)  # the CPU's: identical
+    with pytest.raises(pytest.fail.Exception):
+        assert_same_kept([[0, 1, 4]], r, 1, 4)  # token 4 scores 1
+    with pytest.raises(pytest.fail.Exception):
+        assert_same_kept([[0, 3, 5]], r, 10, 2)  # 4 tokens differ
+
+    llava = tiny_llava(2)
+    m = llava.model
+    messages = [turn("What is in the picture?", llava.image)]
+    monkeypatch.setattr(sys.modules[__name__], "GPU", True)
+    for neuron_tokens in ("text", "all"):
+        sp = cmx.Sparsity(score="paper", neuron_tokens=neuron_tokens, dense_layers=())
+        m.reset()
+        m._prefill_chat(messages, sp)
+        (kept,) = m.last_stats["kept_image_tokens"]
+        ref = reference_for(llava.lm, sp, llava.n_layer)
+        x, spans = prompt_rows(m, ref)
+        anchor, acts = anchor_row(m, messages), {}
+        r = ref_prefill(ref, x, spans, anchor_row=anchor, capture=acts)
+        assert ref_prefill_with_cmx_kept(ref, x, spans, anchor, [kept], r, capture=acts) is r
+        assert_same_core_neurons(m, ref, r, acts, spans, len(x))  # the GPU's rule, on identical sets
+        assert sorted(ref._decode_core) == ref.sparse_layers
+        # a selection with its last kept token swapped for the first one left out
+        other = sorted(set(kept[:-1]) | {min(set(range(576)) - set(kept))})
+        r2 = ref_prefill_with_cmx_kept(ref, x, spans, anchor, [other], r, capture=acts)
+        (first, n), = spans
+        assert r2.kept[0].tolist() == other
+        assert r2.rows.tolist() == [i for i in range(len(x)) if not first <= i < first + n or i - first in other]
+        chosen_from = core_neuron_acts(ref, r2, acts, spans, len(x))
+        n_text = len(x) - n
+        for il in range(llava.n_layer):
+            seen = len(x) if il <= ref.prune_layer else n_text + len(other)
+            assert len(chosen_from[il]) == (n_text if neuron_tokens == "text" else seen)
+            assert core_neurons(chosen_from[il], ref.rho, ref.beta).tolist() == r2.core_neurons[il].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
