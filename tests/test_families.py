@@ -21,7 +21,7 @@ import pytest
 import cmx
 import llava_tiny as lt
 import vlm_families as vf
-from devices import bound
+from devices import GPU, N_GPU_LAYERS, assert_argmax_within, assert_greedy_within, bound, recorded_samples
 from cmx.images import load_image
 from cmx.vision import mrope_positions, prompt_segments
 
@@ -38,8 +38,17 @@ PROJECTOR = {"llava15": "mlp", "smolvlm": "idefics3", "llava16": "mlp", "qwen25v
              "qwen2vl": "qwen2vl_merger", "gemma3": "gemma3"}
 # the engine tests' bound for f32 weights (test_engine_parity.MAX_ABS_DIFF); a GPU's (tests/devices.py)
 MAX_ABS_DIFF = bound(1e-4, 2e-2)
+# Gemma 3 against llama-cpp-python on the H200 (tools/runs/gpu_check/session10/second_machine/):
+# 0.0568 over the 17 text rows of the two-image chat prompt, 0.0333 in the last row with n_batch
+# 100 (its embeddings scaled by sqrt(n_embd), its four norms per layer: more rounding than the others)
+GEMMA3_MAX_ABS_DIFF = bound(1e-4, 0.12)
 QUESTION = "What is in the picture?"
 DATA = Path(__file__).parent / "data" / "families"
+
+
+def chat_bound(family: str) -> float:
+    """A family's bound on its logits against llama-cpp-python's."""
+    return GEMMA3_MAX_ABS_DIFF if family == "gemma3" else MAX_ABS_DIFF
 
 _pairs: dict = {}
 
@@ -141,7 +150,7 @@ def test_chat_matches_llama_cpp(family_pair, family):
     messages = [turn("Compare the two pictures.", images[0], images[1])]
     prompt_text, _ = m._template.prompt(messages, m.vision.marker)
     assert prompt_text.count(m.vision.marker) == 2
-    ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=24)
+    ref_logits, ref_answer, ref_steps = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=24, with_steps=True)
 
     prompt = m.vision.tokenize(prompt_text, [load_image(p) for p in images[:2]])
     rope_pos = mrope_positions(prompt_segments(prompt.chunks))[0] if m._mrope else None  # M-RoPE: mtmd's grid positions
@@ -160,13 +169,20 @@ def test_chat_matches_llama_cpp(family_pair, family):
     text_rows = [i for i, r in enumerate(rows) if r >= 0]
     assert [i for i, x in enumerate(ref_logits) if x is not None] == text_rows
     a, b = ours[text_rows], np.stack([ref_logits[i] for i in text_rows])
-    assert (a.argmax(1) == b.argmax(1)).all()
     diff = float(np.abs(a - b).max())
     print(f"\n{family}: {len(rows)} rows ({len(rows) - len(text_rows)} image rows), max |logit diff| {diff:.3g}")
-    assert diff < MAX_ABS_DIFF, diff
+    assert_argmax_within(a, b, bound(0, chat_bound(family)))
+    assert diff < chat_bound(family), diff
 
-    answer = m.chat(messages, max_tokens=24)
-    assert len(ref_answer) > 0 and answer == m.detokenize(ref_answer)
+    # the greedy answers: the reference's tokens (on a GPU up to a step where the two may part at
+    # a near tie; tests/devices.py), and then the same text
+    with recorded_samples() as steps:
+        answer = m.chat(messages, max_tokens=24)
+    assert len(ref_answer) > 0
+    ours_tokens, ref_tokens = [t for _, t in steps], [t for _, t in ref_steps]
+    assert_greedy_within(ours_tokens, ref_tokens, [x for x, _ in ref_steps], bound(0, chat_bound(family)))
+    if ours_tokens == ref_tokens:
+        assert answer == m.detokenize(ref_answer)
     assert m.last_stats["image_tokens"] == IMAGE_TOKENS[family][:2]
 
 
@@ -270,13 +286,20 @@ def test_sparse_with_everything_kept_equals_dense(family_pair, family):
     dense = model(pair)
     ref_logits = dense._prefill_chat(messages, None)
     dense.reset()
-    ref = dense.chat(messages, max_tokens=12)
+    with recorded_samples() as ref_steps:
+        ref = dense.chat(messages, max_tokens=12)
     m = model(pair)
     full = cmx.Sparsity(tokens=False, rho=1.0, beta=1.0, dense_layers=())
     logits = m._prefill_chat(messages, full)
-    assert np.abs(logits - ref_logits).max() < bound(1e-5, 3e-3)
+    tol = bound(1e-5, 3e-3)
+    assert np.abs(logits - ref_logits).max() < tol
     m.reset()
-    assert m.chat(messages, max_tokens=12, sparsity=full) == ref
+    with recorded_samples() as steps:
+        answer = m.chat(messages, max_tokens=12, sparsity=full)
+    ours, theirs = [t for _, t in steps], [t for _, t in ref_steps]
+    assert_greedy_within(ours, theirs, [x for x, _ in ref_steps], bound(0, tol))  # the same answer on the CPU
+    if ours == theirs:
+        assert answer == ref
     assert m.last_stats["core_neurons"] == [m.info["n_ff"]] * m.info["n_layer"]
 
 
@@ -361,9 +384,29 @@ def test_qwen25vl_pruned_prefill_over_small_batches(family_pair):
     sp = cmx.Sparsity(neurons=False)
     whole = model(pair)
     ref = whole._prefill_chat(messages, sp)
+    kept = whole.last_stats["kept_image_tokens"]
     split = cmx.Model(pair[0], mmproj=pair[1], n_ctx=4096, n_threads=2, n_batch=16)
     logits = split._prefill_chat(messages, sp)
-    assert split.last_stats["kept_image_tokens"] == whole.last_stats["kept_image_tokens"]
+    if not GPU:
+        assert split.last_stats["kept_image_tokens"] == kept
+    else:
+        # A token's score counts the neurons it shares with the anchor (activations > 0), so a
+        # GPU's rounding of an activation near 0 moves a score by one and reorders the tokens at
+        # the cut (the H200: image 2's 0, 2, 3, 6 against 0, 1, 2, 3; session10/second_machine/).
+        # The engine does not expose its scores, so the choice is compared on the CPU only; here the
+        # split prefill is given the one-graph choice (a selection made in Python, as in
+        # test_forced_selection_equals_the_scored_one), which keeps its logits comparable.
+        from cmx import selection
+
+        forced = iter(kept)
+        orig = selection.choose
+        try:
+            selection.choose = lambda *a, **k: (list(next(forced)), None)
+            split.reset()
+            logits = split._prefill_chat(messages, cmx.Sparsity(neurons=False, select="random", budget=1))
+        finally:
+            selection.choose = orig
+        assert split.last_stats["kept_image_tokens"] == kept
     assert np.abs(logits - ref).max() < MAX_ABS_DIFF
 
 
@@ -382,10 +425,22 @@ def test_qwen25vl_second_turn_reuses_the_cache_at_the_right_positions(family_pai
     assert m.last_stats["n_prompt"] < n_cached  # only the new part was evaluated
     assert m.vision.n_encodes == 2
     fresh = model(pair)
-    assert np.array_equal(reused, fresh._prefill_chat(messages, None))
+    # The CPU computes a row the same whatever the batch: equal. A GPU's kernels depend on the row
+    # count (the fresh prompt in one graph, the cached one in two, its answer rows one at a time):
+    # on the H200 these logits differed, by up to 2.5e-4 in the entries the log shows
+    # (session10/second_machine/), in line with the 0.0005-0.0015 of two batchings in cmx
+    # (tests/devices.py); 5e-3 leaves room for the entries not shown.
+    turn2 = bound(0, 5e-3)
+    assert np.abs(reused - fresh._prefill_chat(messages, None)).max() <= turn2
     m.reset()
     fresh.reset()
-    assert m.chat(messages, max_tokens=8) == fresh.chat(messages, max_tokens=8)
+    with recorded_samples() as ours:
+        answer = m.chat(messages, max_tokens=8)
+    with recorded_samples() as theirs:
+        again = fresh.chat(messages, max_tokens=8)
+    assert_greedy_within([t for _, t in ours], [t for _, t in theirs], [x for x, _ in theirs], turn2)
+    if [t for _, t in ours] == [t for _, t in theirs]:
+        assert answer == again
 
 
 def test_qwen25vl_generate_takes_embeddings_with_their_grid(family_pair):
@@ -450,12 +505,17 @@ def test_gemma3_image_split_by_the_batch_stays_whole(family_pair):
     messages = [turn("Compare the two pictures.", images[0], images[1])]
     m = cmx.Model(text, mmproj=mmproj, n_ctx=4096, n_threads=2, n_batch=100)
     prompt_text, _ = m._template.prompt(messages, m.vision.marker)
-    ref_logits, ref_answer = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=16)
+    ref_logits, ref_answer, ref_steps = vf.llama_cpp_reference(text, mmproj, prompt_text, images[:2], n_gen=16, with_steps=True)
     ours = m._prefill_chat(messages, None)
     assert m.last_stats["n_prompt"] > 134 and m.image_spans == [(4, 64), (70, 64)]
-    assert np.abs(ours - ref_logits[-1]).max() < MAX_ABS_DIFF
+    assert np.abs(ours - ref_logits[-1]).max() < GEMMA3_MAX_ABS_DIFF
     m.reset()
-    assert m.chat(messages, max_tokens=16) == m.detokenize(ref_answer)
+    with recorded_samples() as steps:
+        answer = m.chat(messages, max_tokens=16)
+    ours_tokens, ref_tokens = [t for _, t in steps], [t for _, t in ref_steps]
+    assert_greedy_within(ours_tokens, ref_tokens, [x for x, _ in ref_steps], bound(0, GEMMA3_MAX_ABS_DIFF))
+    if ours_tokens == ref_tokens:
+        assert answer == m.detokenize(ref_answer)
 
 
 def test_gemma3_sliding_window_over_several_graphs(family_pair):
@@ -469,20 +529,25 @@ def test_gemma3_sliding_window_over_several_graphs(family_pair):
     tokens = m.tokenize("The window slides over this prompt: " + " ".join(f"item {i} is {i * 7 % 11}" for i in range(18)))
     assert 3 * vf.GEMMA3_WINDOW < len(tokens) < 200
     ours = m.logits(tokens)
-    ref = llama_cpp.Llama(text, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+    ref = llama_cpp.Llama(text, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2, n_gpu_layers=N_GPU_LAYERS)
     ref.eval(tokens)
     theirs = np.array(ref.scores[: len(tokens)])
-    assert (ours.argmax(1) == theirs.argmax(1)).all()
-    assert np.abs(ours - theirs).max() < MAX_ABS_DIFF
-    answer, last = [], theirs[-1]
+    assert_argmax_within(ours, theirs, bound(0, GEMMA3_MAX_ABS_DIFF))
+    assert np.abs(ours - theirs).max() < GEMMA3_MAX_ABS_DIFF
+    ref_steps, last = [], theirs[-1]
     for _ in range(12):  # llama.cpp's greedy continuation, token by token, to an end of generation
-        if m._vocab.is_eog(int(np.argmax(last))):
+        ref_steps.append((last, int(np.argmax(last))))
+        if m._vocab.is_eog(ref_steps[-1][1]):
             break
-        answer.append(int(np.argmax(last)))
-        ref.eval([answer[-1]])
+        ref.eval([ref_steps[-1][1]])
         last = np.array(ref.scores[ref.n_tokens - 1])
     ref.close()
-    assert len(answer) > 0 and list(m.generate(tokens, max_tokens=12, sparsity=None)) == answer
+    answer = [t for _, t in ref_steps if not m._vocab.is_eog(t)]
+    with recorded_samples() as steps:
+        ours_answer = list(m.generate(tokens, max_tokens=12, sparsity=None))
+    assert len(answer) > 0
+    assert_greedy_within([t for _, t in steps], [t for _, t in ref_steps], [x for x, _ in ref_steps], bound(0, GEMMA3_MAX_ABS_DIFF))
+    assert ours_answer == [t for _, t in steps if not m._vocab.is_eog(t)]
 
 
 def test_gemma3_pruned_path_keeps_images_bidirectional(family_pair, monkeypatch):
@@ -534,8 +599,11 @@ def test_gemma3_core_neurons_read_the_gelu_gated_ffn(family_pair, tmp_path):
         rows = np.arange(len(tokens), dtype=np.int32)
         compact.append(e.decode(tokens, rows, rows))
     assert np.array_equal(compact[0], compact[1])
-    assert (compact[0].argmax(1) == dense_zeroed.argmax(1)).all()
-    assert np.abs(compact[0] - dense_zeroed).max() < 1e-2
+    # the compact FFN's shorter reductions against the dense one's: ~1e-3 on the CPU; 0.073 on the
+    # H200 (session10/second_machine/: its kernels differ between decode's rows and a prompt's)
+    compact_bound = bound(1e-2, 0.15)
+    assert_argmax_within(compact[0], dense_zeroed, bound(0, compact_bound))
+    assert np.abs(compact[0] - dense_zeroed).max() < compact_bound
     assert np.abs(dense_full - dense_zeroed).max(axis=1).min() > 1.0
 
 
@@ -564,14 +632,16 @@ def test_gemma3_sliding_window_keys_and_bad_files(tmp_path):
     assert np.abs(logits("sliding.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", 0)]) - six).max() > 1e-3
     # final_logit_softcapping (gemma-2 style; Gemma 3's converter writes it when the config has one)
     capped = logits("capped.gguf", extra_keys=[("gemma3.final_logit_softcapping", 2.0)])
-    assert np.abs(capped - 2.0 * np.tanh(six / 2.0)).max() < 1e-5 and np.abs(six).max() > 2.0
+    # the GPU's tanh against numpy's: 1.4e-5 on the H200 (session10/second_machine/)
+    assert np.abs(capped - 2.0 * np.tanh(six / 2.0)).max() < bound(1e-5, 3e-5) and np.abs(six).max() > 2.0
     # a shorter array: the layers past its end are global (llama.cpp's reading); an array of
     # another element type is refused
     short = logits("short.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags[:5])])
     assert np.array_equal(short, logits("padded.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", flags[:5] + [False] * 2)]))
-    ref = llama_cpp.Llama(str(tmp_path / "short.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    ref = llama_cpp.Llama(str(tmp_path / "short.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2,
+                          n_gpu_layers=N_GPU_LAYERS)
     ref.eval(tokens)
-    assert np.abs(np.array(ref.scores[: len(tokens)]) - short).max() < MAX_ABS_DIFF
+    assert np.abs(np.array(ref.scores[: len(tokens)]) - short).max() < GEMMA3_MAX_ABS_DIFF
     ref.close()
     with pytest.raises(cmx.ModelLoadError, match="sliding_window_pattern' is not an array of bool, int32 or uint32 flags"):
         logits("floats.gguf", extra_keys=[("gemma3.attention.sliding_window_pattern", [1.0] * 7)])

@@ -23,6 +23,16 @@ a core neuron's frequency can move by one where a token's k-th largest activatio
 rounding of the next. The frequencies are small integers (4 or 5 at the boundary over ~45
 tokens), so such a move reshuffles the tie group at the boundary: that test checks exactly what
 rounding can explain (`assert_core_neurons_within_rounding`).
+
+On a GPU (tests/devices.py: f32 products in TF32, kernels chosen by row count) cmx's logits move
+from the reference's by 10-20 times as much (H200: 2.5e-3 to 3.7e-3 in the prefill's last row;
+tools/runs/gpu_check/session10/second_machine/), and the selections with them: a token's score
+(a count of active neurons) moves by one where an activation is within rounding of 0, which
+reorders tokens tied at the cut (two tokens of score 32 swapped at a cut of 32), and core neurons
+reshuffle at the frequency boundary (one neuron in a sparse layer). There the tests accept what
+rounding explains (`assert_same_kept`'s slack, `assert_core_neurons_within_rounding`), then give
+the reference cmx's choice (its kept tokens as an earlier turn's, its core neurons for decoding),
+so that the cache rows and logits compared after it are like with like.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import contextlib
 import copy
 import functools
 import os
+import sys
 from unittest import mock
 
 import numpy as np
@@ -40,13 +51,28 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import cmx  # noqa: E402
+from devices import GPU, assert_argmax_within, assert_greedy_within, bound, recorded_samples  # noqa: E402
 import llava_tiny as lt  # noqa: E402
 import tiny_models  # noqa: E402
 from cmx.chat import flatten_messages  # noqa: E402
 from cmx.reference import CoreMatchingReference, core_frequencies, core_neurons, token_core_count  # noqa: E402
 
-F16_CACHE_LOGITS = 3e-4  # tiny LLaVA, reference at cmx's cache precision: measured <= 1.7e-4
-SPARSE_EQUALS_DENSE = 1e-5
+# tiny LLaVA, reference at cmx's cache precision: measured <= 1.7e-4 on the CPU; on the H200 2.5e-3
+# and 2.9e-3 (2 layers), 3.5e-3 and 3.7e-3 (4 layers) (session10/second_machine/)
+F16_CACHE_LOGITS = bound(3e-4, 7.5e-3)
+# sparse engine with every neuron and token against the dense one: 7e-7 on the CPU; on the H200
+# 9.0e-4 (2 layers) and 6.7e-4 (4 layers), the staged prefill's graphs having other row counts
+SPARSE_EQUALS_DENSE = bound(1e-5, 2e-3)
+# GPU only (0 on the CPU: identical): a differing kept token's reference score may be this far
+# from the reference's cut, and this many tokens of an image may differ (H200: 2 tokens, both at
+# the cut; session10/second_machine/)
+KEPT_SCORE_SLACK = bound(0, 1)
+KEPT_MAX_DIFFERING = bound(0, 4)
+# GPU only: core neurons of the tiny LLaVA within rounding (assert_core_neurons_within_rounding):
+# the H200 swapped one neuron of layer 2 (the log stops at the first difference, so the full
+# difference was not measured); the relative eps and Jaccard of the SmolLM2 test's rule, which
+# the H200 also passed
+LLAVA_NEURON_EPS, LLAVA_NEURON_JACCARD = 2e-2, 0.9
 SMOLLM2_PREFILL_LOGITS = 0.05  # measured 0.012 and 0.018 (logits up to 28)
 SMOLLM2_DECODE_LOGITS = 0.1  # measured <= 0.037 over 6 steps
 N_DECODE = 4  # greedy decode steps compared after a prefill
@@ -122,16 +148,21 @@ def cmx_decode(m, token, pos):
     return m._engine.decode(i32([token]), i32([pos]), i32([0]))[0]
 
 
-def decode_both(m, ref, first_logits, n_past, n_steps=N_DECODE, same_argmax=True):
-    """Greedy steps fed the same token on both (cmx's argmax; with same_argmax it must be the
-    reference's too). Returns the largest |logit difference| over the steps."""
+def decode_both(m, ref, first_logits, n_past, n_steps=N_DECODE, argmax_tol=0.0):
+    """Greedy steps fed the same token on both (cmx's argmax). With argmax_tol (not None) it must be
+    the reference's too: the same (0), or within a near tie (assert_argmax_within). Returns the
+    largest |logit difference| over the steps."""
     worst = 0.0
     token = int(np.argmax(first_logits))
     for i in range(n_steps):
         ours, theirs = cmx_decode(m, token, n_past + i), ref_decode(ref, token)
         worst = max(worst, float(np.abs(ours - theirs).max()))
         token = int(np.argmax(ours))
-        assert not same_argmax or token == int(np.argmax(theirs)), f"decode step {i}: greedy tokens differ"
+        if argmax_tol is not None:
+            try:
+                assert_argmax_within(ours, theirs, argmax_tol)
+            except AssertionError as e:
+                raise AssertionError(f"decode step {i}: greedy tokens differ: {e}") from None
     return worst
 
 
@@ -231,18 +262,69 @@ def anchor_row(m, messages):
     return row
 
 
-def assert_same_kept(cmx_kept, ref_result):
-    """Kept tokens per image: identical. Both break equal scores by the lower index, so an exact
-    tie in the scores cannot separate them; should they differ, the message gives the reference's
-    scores of the differing tokens and its lowest kept score."""
+def assert_same_kept(cmx_kept, ref_result, score_slack=0, max_differing=0):
+    """Kept tokens per image: identical (the defaults, the CPU's). Both break equal scores by the
+    lower index, so an exact tie in the scores cannot separate them; should they differ, the
+    message gives the reference's scores of the differing tokens and its lowest kept score.
+
+    A GPU's rounding moves a score (a count of active neurons) by one where an activation is
+    within rounding of 0: at most `max_differing` tokens of an image may then differ, each scoring
+    within `score_slack` of the reference's cut (a token only cmx keeps scores at most the cut in
+    the reference, one only the reference keeps at least the cut)."""
     assert len(cmx_kept) == len(ref_result.kept)
     for i, (ours, theirs) in enumerate(zip(cmx_kept, ref_result.kept)):
         if list(ours) != theirs.tolist():
             s = ref_result.scores[i]
             differ = sorted(set(ours) ^ set(theirs.tolist()))
+            cut = s[theirs].min()
+            if len(differ) <= max_differing and (np.abs(s[differ] - cut) <= score_slack).all():
+                continue
             pytest.fail(f"image {i}: cmx keeps {len(ours)} tokens, the reference {len(theirs)}; the differing "
                         f"tokens {differ} have reference scores {s[differ].tolist()}, its lowest kept score is "
-                        f"{s[theirs].min()}")
+                        f"{cut}")
+
+
+def ref_prefill_with_cmx_kept(ref, x, spans, anchor, cmx_kept, r, capture=None):
+    """The reference's prefill `r`, or where cmx kept other tokens (a GPU's rounding, within
+    assert_same_kept's slack) the reference run again with cmx's kept tokens as an earlier turn's:
+    the rows the later layers hold, their core neurons and the logits then compare like with like."""
+    if [list(k) for k in cmx_kept] == [k.tolist() for k in r.kept]:
+        return r
+    assert GPU
+    if capture is not None:
+        capture.clear()
+    return ref_prefill(ref, x, spans, anchor_row=anchor, earlier_kept=cmx_kept, capture=capture)
+
+
+def core_neuron_acts(ref, r, acts, spans, n_rows):
+    """Per layer, the FFN activations the reference took its core neurons from: `acts` (ref_prefill's
+    capture: the rows each layer saw), without the image rows under neuron_tokens='text'."""
+    is_image = np.zeros(n_rows, bool)
+    for first, n in spans:
+        is_image[first : first + n] = True
+    out = {}
+    for il, a in acts.items():
+        seen = r.rows if ref.tokens and il > ref.prune_layer else np.arange(n_rows)
+        assert len(seen) == len(a)
+        out[il] = a[~is_image[seen]] if ref.neuron_tokens == "text" else a
+    return out
+
+
+def assert_same_core_neurons(m, ref, r, acts, spans, n_rows):
+    """cmx's core neurons in each of the reference's sparse layers: the reference's (the CPU); on a
+    GPU within rounding of its activations (assert_core_neurons_within_rounding), and then the
+    reference decodes with cmx's (its _decode_core), so that decode steps compare like with like."""
+    sets = m._engine.ffn_neurons()
+    if not GPU:
+        for il in ref.sparse_layers:
+            assert sets[il] == r.core_neurons[il].tolist(), f"layer {il}"
+        return
+    chosen_from = core_neuron_acts(ref, r, acts, spans, n_rows)
+    for il in ref.sparse_layers:
+        assert r.core_neurons[il].tolist() == core_neurons(chosen_from[il], ref.rho, ref.beta).tolist()
+        assert_core_neurons_within_rounding(sets[il], chosen_from[il], ref.rho, ref.beta, eps=LLAVA_NEURON_EPS,
+                                            min_jaccard=LLAVA_NEURON_JACCARD)
+    ref._decode_core = {il: torch.as_tensor(sets[il], dtype=torch.long) for il in ref.sparse_layers}
 
 
 LLAVA_CASES = {  # id -> (text layers, settings)
@@ -272,10 +354,13 @@ def test_tiny_llava_selection_and_logits_match_the_reference(tiny_llava, case):
     ref = reference_for(llava.lm, sparsity, n_layer)
     x, spans = prompt_rows(m, ref)
     assert [n for _, n in spans] == [576]
-    r = ref_prefill(ref, x, spans, anchor_row=anchor_row(m, messages))
+    anchor, acts = anchor_row(m, messages), {}
+    r = ref_prefill(ref, x, spans, anchor_row=anchor, capture=acts)
 
-    # kept image tokens: the same ones, and the layers after K hold only those (and the text)
-    assert_same_kept(stats["kept_image_tokens"], r)
+    # kept image tokens: the same ones (on a GPU within rounding, then the reference takes cmx's),
+    # and the layers after K hold only those (and the text)
+    assert_same_kept(stats["kept_image_tokens"], r, KEPT_SCORE_SLACK, KEPT_MAX_DIFFERING)
+    r = ref_prefill_with_cmx_kept(ref, x, spans, anchor, stats["kept_image_tokens"], r, capture=acts)
     assert 0 < len(r.kept[0]) < 576 if sparsity.tokens else len(r.kept[0]) == 576
     if sparsity.budget:
         assert len(r.kept[0]) == sparsity.budget
@@ -283,20 +368,18 @@ def test_tiny_llava_selection_and_logits_match_the_reference(tiny_llava, case):
         expected = list(range(len(x))) if layer <= ref.prune_layer else r.rows.tolist()
         assert m._engine.cache_positions(layer) == expected, f"layer {layer}"
 
-    # core neurons: the same set in each sparse layer; dense layers read all n_ff
+    # core neurons: the same set in each sparse layer (on a GPU within rounding, then the reference
+    # decodes with cmx's); dense layers read all n_ff
     n_ff = m.info["n_ff"]
     sets = m._engine.ffn_neurons()
     assert [il for il in range(n_layer) if sets[il]] == ref.sparse_layers
+    assert_same_core_neurons(m, ref, r, acts, spans, len(x))
     for il in range(n_layer):
-        if il in ref.sparse_layers:
-            assert sets[il] == r.core_neurons[il].tolist(), f"layer {il}"
-            assert stats["core_neurons"][il] == int(0.4 * n_ff)
-        else:
-            assert stats["core_neurons"][il] == n_ff
+        assert stats["core_neurons"][il] == (int(0.4 * n_ff) if il in ref.sparse_layers else n_ff)
 
     # logits: the prefill's last row, then greedy steps with core-neuron FFNs
     assert np.abs(logits - r.logits).max() < F16_CACHE_LOGITS
-    assert decode_both(m, ref, logits, len(x)) < F16_CACHE_LOGITS
+    assert decode_both(m, ref, logits, len(x), argmax_tol=bound(0, F16_CACHE_LOGITS)) < F16_CACHE_LOGITS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,20 +397,25 @@ def test_rho_beta_one_without_pruning_equals_dense(tiny_llava, n_layer, tokens):
     m = llava.model
     messages = [turn("What is in the picture?", llava.image)]
 
-    def run(sp):
+    def run(sp, tokens=None):
+        """The prefill's last row and N_DECODE greedy steps: its own tokens, or `tokens` (so that
+        both runs decode the same ones where a GPU's rounding flips a near tie)."""
         m.reset()
         logits = [m._prefill_chat(messages, sp)]
         stats = dict(m.last_stats)
         n = len(m._cached)
         assert all(m._engine.cache_len(il) == n for il in range(n_layer))  # every layer holds every row
+        fed = []
         for i in range(N_DECODE):
-            logits.append(cmx_decode(m, int(np.argmax(logits[-1])), n + i))
-        return np.stack(logits), stats
+            fed.append(int(np.argmax(logits[-1])) if tokens is None else tokens[i])
+            logits.append(cmx_decode(m, fed[-1], n + i))
+        return np.stack(logits), stats, fed
 
-    dense, _ = run(None)
-    sparse, stats = run(cmx.Sparsity(tokens=tokens, rho=1.0, beta=1.0, min_keep=1.0, dense_layers=()))
+    dense, _, fed = run(None)
+    sparse, stats, _ = run(cmx.Sparsity(tokens=tokens, rho=1.0, beta=1.0, min_keep=1.0, dense_layers=()), fed)
     assert stats["core_neurons"] == [m.info["n_ff"]] * n_layer
     assert stats["kept_image_tokens"] == [list(range(576))]
+    assert_argmax_within(sparse[:-1], dense[:-1], bound(0, SPARSE_EQUALS_DENSE))  # the tokens fed: the CPU's own
     assert np.abs(sparse - dense).max() < SPARSE_EQUALS_DENSE
 
 
@@ -348,24 +436,47 @@ def test_pruned_two_turn_chat_answers_as_a_fresh_prompt_of_the_history(tiny_llav
     n_layer = llava.n_layer
 
     def reference_answer(ref, logits, max_tokens):
-        """Greedy, stopping where cmx's chat stops (an end-of-generation token, not included)."""
-        tokens = []
-        while len(tokens) < max_tokens and not m._vocab.is_eog(t := int(np.argmax(logits))):
-            tokens.append(t)
-            logits = ref_decode(ref, t)
-        return tokens
+        """Greedy, stopping where cmx's chat stops (an end-of-generation token, not included); with
+        the (logits, token) of each step, the end-of-generation token included when chosen."""
+        tokens, steps = [], []
+        while len(tokens) < max_tokens:
+            steps.append((logits, int(np.argmax(logits))))
+            if m._vocab.is_eog(steps[-1][1]):
+                break
+            tokens.append(steps[-1][1])
+            logits = ref_decode(ref, tokens[-1])
+        return tokens, steps
+
+    def cmx_answer(logits, max_tokens):
+        """What chat() decodes, with the tokens it chose (the end-of-generation token included)."""
+        with recorded_samples() as steps:
+            answer = list(m._decode_loop(logits, max_tokens, 0.0, 40, 0.95, None))
+        return answer, [t for _, t in steps]
+
+    def assert_same_answer(ours, ref_steps):
+        """The reference's greedy tokens: equal on the CPU; on a GPU up to a step where they may
+        part at a near tie (tests/devices.py)."""
+        assert_greedy_within(ours, [t for _, t in ref_steps], [x for x, _ in ref_steps], bound(0, F16_CACHE_LOGITS))
 
     # turn 1 (a fresh prompt on both)
     messages = [turn("What is in the picture?", llava.image)]
     logits1 = m._prefill_chat(messages, sp)
     ref1 = reference_for(llava.lm, sp, n_layer)
     x1, spans = prompt_rows(m, ref1)
-    r1 = ref_prefill(ref1, x1, spans, anchor_row=anchor_row(m, messages))
+    anchor1 = anchor_row(m, messages)
+    r1 = ref_prefill(ref1, x1, spans, anchor_row=anchor1)
     (kept,) = m.last_stats["kept_image_tokens"]
-    assert_same_kept([kept], r1)
+    assert_same_kept([kept], r1, KEPT_SCORE_SLACK, KEPT_MAX_DIFFERING)
+    r1 = ref_prefill_with_cmx_kept(ref1, x1, spans, anchor1, [kept], r1)
     assert np.abs(logits1 - r1.logits).max() < F16_CACHE_LOGITS
-    answer1 = list(m._decode_loop(logits1, 6, 0.0, 40, 0.95, None))  # what chat() decodes
-    assert len(answer1) > 0 and answer1 == reference_answer(ref1, r1.logits, 6)
+    if GPU:  # the reference decodes with cmx's core neurons (their choice: the single-turn test)
+        ref1._decode_core = {il: torch.as_tensor(s, dtype=torch.long) for il, s in enumerate(m._engine.ffn_neurons()) if s}
+        assert sorted(ref1._decode_core) == ref1.sparse_layers
+    answer1, ours1 = cmx_answer(logits1, 6)
+    _, ref_steps1 = reference_answer(ref1, r1.logits, 6)
+    assert len(answer1) > 0
+    assert_same_answer(ours1, ref_steps1)
+    assert answer1 == [t for t in ours1 if not m._vocab.is_eog(t)]
 
     # turn 2 on cmx's pruned cache
     messages += [{"role": "assistant", "content": m.detokenize(answer1)},
@@ -378,18 +489,68 @@ def test_pruned_two_turn_chat_answers_as_a_fresh_prompt_of_the_history(tiny_llav
     ref2 = reference_for(llava.lm, sp, n_layer)
     x2, spans2 = prompt_rows(m, ref2)
     assert spans2 == spans
-    r2 = ref_prefill(ref2, x2, spans2, anchor_row=anchor_row(m, messages), earlier_kept=[kept])
+    acts2 = {}
+    r2 = ref_prefill(ref2, x2, spans2, anchor_row=anchor_row(m, messages), earlier_kept=[kept], capture=acts2)
     assert r2.kept[0].tolist() == kept
     assert np.abs(logits2 - r2.logits).max() < F16_CACHE_LOGITS
     for layer in range(n_layer):
         expected = list(range(len(items))) if layer <= ref2.prune_layer else r2.rows.tolist()
         assert m._engine.cache_positions(layer) == expected, f"layer {layer}"
     assert len(r2.rows) < len(items)
-    sets = m._engine.ffn_neurons()
-    for il in ref2.sparse_layers:  # the core neurons of the whole conversation
-        assert sets[il] == r2.core_neurons[il].tolist(), f"layer {il}"
-    answer2 = list(m._decode_loop(logits2, 8, 0.0, 40, 0.95, None))
-    assert len(answer2) > 0 and answer2 == reference_answer(ref2, r2.logits, 8)
+    assert_same_core_neurons(m, ref2, r2, acts2, spans2, len(x2))  # the core neurons of the whole conversation
+    answer2, ours2 = cmx_answer(logits2, 8)
+    _, ref_steps2 = reference_answer(ref2, r2.logits, 8)
+    assert len(answer2) > 0
+    assert_same_answer(ours2, ref_steps2)
+    assert answer2 == [t for t in ours2 if not m._vocab.is_eog(t)]
+
+
+def test_gpu_rules_for_selections(tiny_llava, monkeypatch):
+    """What a GPU's run does where cmx's selection differs from the reference's, run here:
+    assert_same_kept's slack accepts a few tokens at the cut only; the reference given cmx's
+    kept tokens holds those rows after layer K, and core_neuron_acts finds the activations it took
+    its core neurons from (text rows, or all)."""
+    from collections import namedtuple
+
+    Result = namedtuple("Result", "kept scores")
+    r = Result([np.array([0, 1, 2])], [np.array([5, 4, 4, 4, 1, 0])])  # the reference's cut: 4
+    assert_same_kept([[0, 1, 2]], r)
+    assert_same_kept([[0, 1, 3]], r, 1, 4)  # token 3 ties the cut
+    with pytest.raises(pytest.fail.Exception):
+        assert_same_kept([[0, 1, 3]], r)  # the CPU's: identical
+    with pytest.raises(pytest.fail.Exception):
+        assert_same_kept([[0, 1, 4]], r, 1, 4)  # token 4 scores 1
+    with pytest.raises(pytest.fail.Exception):
+        assert_same_kept([[0, 3, 5]], r, 10, 2)  # 4 tokens differ
+
+    llava = tiny_llava(2)
+    m = llava.model
+    messages = [turn("What is in the picture?", llava.image)]
+    monkeypatch.setattr(sys.modules[__name__], "GPU", True)
+    for neuron_tokens in ("text", "all"):
+        sp = cmx.Sparsity(score="paper", neuron_tokens=neuron_tokens, dense_layers=())
+        m.reset()
+        m._prefill_chat(messages, sp)
+        (kept,) = m.last_stats["kept_image_tokens"]
+        ref = reference_for(llava.lm, sp, llava.n_layer)
+        x, spans = prompt_rows(m, ref)
+        anchor, acts = anchor_row(m, messages), {}
+        r = ref_prefill(ref, x, spans, anchor_row=anchor, capture=acts)
+        assert ref_prefill_with_cmx_kept(ref, x, spans, anchor, [kept], r, capture=acts) is r
+        assert_same_core_neurons(m, ref, r, acts, spans, len(x))  # the GPU's rule, on identical sets
+        assert sorted(ref._decode_core) == ref.sparse_layers
+        # a selection with its last kept token swapped for the first one left out
+        other = sorted(set(kept[:-1]) | {min(set(range(576)) - set(kept))})
+        r2 = ref_prefill_with_cmx_kept(ref, x, spans, anchor, [other], r, capture=acts)
+        (first, n), = spans
+        assert r2.kept[0].tolist() == other
+        assert r2.rows.tolist() == [i for i in range(len(x)) if not first <= i < first + n or i - first in other]
+        chosen_from = core_neuron_acts(ref, r2, acts, spans, len(x))
+        n_text = len(x) - n
+        for il in range(llava.n_layer):
+            seen = len(x) if il <= ref.prune_layer else n_text + len(other)
+            assert len(chosen_from[il]) == (n_text if neuron_tokens == "text" else seen)
+            assert core_neurons(chosen_from[il], ref.rho, ref.beta).tolist() == r2.core_neurons[il].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +765,7 @@ def test_smollm2_core_neurons_and_logits_match_the_reference(smollm2_f32, smollm
     acts = {}
     r = ref_prefill(ref, ref.embed(items), capture=acts)
     assert np.abs(logits - r.logits).max() < SMOLLM2_PREFILL_LOGITS
-    assert int(np.argmax(logits)) == int(np.argmax(r.logits))
+    assert_argmax_within(logits, r.logits, bound(0, SMOLLM2_PREFILL_LOGITS))  # the same on the CPU
 
     sets = m._engine.ffn_neurons()
     assert ref.sparse_layers == list(range(1, n_layer - 1)) == [il for il in range(n_layer) if sets[il]]
@@ -622,4 +783,4 @@ def test_smollm2_core_neurons_and_logits_match_the_reference(smollm2_f32, smollm
     # decode: the reference reads cmx's core neurons (their choice is checked above), so the steps
     # compare the compact FFNs and the rest of the decode; greedy tokens may differ at a near-tie
     ref._decode_core = {il: torch.as_tensor(sets[il], dtype=torch.long) for il in ref.sparse_layers}
-    assert decode_both(m, ref, logits, len(items), same_argmax=False) < SMOLLM2_DECODE_LOGITS
+    assert decode_both(m, ref, logits, len(items), argmax_tol=None) < SMOLLM2_DECODE_LOGITS

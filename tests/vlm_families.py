@@ -789,11 +789,14 @@ def text_layout(path) -> dict:
     return layout
 
 
-def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096, with_text=False):
+def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen, n_ctx=4096, with_text=False,
+                        with_steps=False):
     """llama-cpp-python evaluating mtmd's chunks the way its MTMD chat handler does (image files
     decoded by mtmd's helper, each chunk at the positions mtmd assigns); returns the logits of
     every row (None for image rows) and its greedy continuation (token ids, stopping at end of
-    generation), and with `with_text` also the continuation's bytes."""
+    generation), with `with_text` also the continuation's bytes, and with `with_steps` last the
+    (logits, token) of each greedy step, the end-of-generation token included when it is chosen
+    (tests/devices.py's assert_greedy_within)."""
     import ctypes
 
     import llama_cpp
@@ -833,10 +836,11 @@ def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen,
             logits.extend([None] * M.mtmd_input_chunk_get_n_tokens(chunk))
             ref.n_tokens = new_n_past.value  # the next text position (M-RoPE: past max(rows, columns) of the image)
     last = logits[-1]
-    out = []
+    out, steps = [], []
     vocab = llama_cpp.llama_model_get_vocab(ref.model)
     for _ in range(n_gen):
         tok = int(np.argmax(last))
+        steps.append((last, tok))
         if llama_cpp.llama_vocab_is_eog(vocab, tok):
             break
         out.append(tok)
@@ -848,4 +852,4 @@ def llama_cpp_reference(text_path, mmproj_path, prompt_text, image_paths, n_gen,
         M.mtmd_bitmap_free(bmp)
     M.mtmd_free(ctx)
     ref.close()
-    return (logits, out, text) if with_text else (logits, out)
+    return (logits, out) + ((text,) if with_text else ()) + ((steps,) if with_steps else ())
