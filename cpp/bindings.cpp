@@ -116,6 +116,7 @@ py::list graph_descs(const std::vector<GraphDesc> &graphs) {
         gd["layers"] = py::make_tuple(g.layer_begin, g.layer_end);
         gd["n_rows"] = g.n_rows;
         gd["nodes"] = nodes;
+        gd["unaligned"] = g.unaligned;
         out.append(gd);
     }
     return out;
@@ -355,8 +356,9 @@ PYBIND11_MODULE(_core, mod) {
         .def("record_graphs", &Engine::record_graphs, py::arg("on"),
              "Debug: while on, describe every graph the engine builds (turning it on forgets earlier records).")
         .def("recorded_graphs", [](const Engine &e) { return graph_descs(e.recorded_graphs()); },
-             "Graphs built while recording: dicts of call ('prefill'/'decode'), layers, n_rows and nodes (each node: "
-             "op, kind, name, type, ne, contiguity flags, and src: the same per source, None where empty).")
+             "Graphs built while recording: dicts of call ('prefill'/'decode'), layers, n_rows, unaligned (indices of the "
+             "nodes computed into memory that does not start on a 64-byte boundary) and nodes (each node: op, kind, name, type, ne, "
+             "contiguity flags, and src: the same per source, None where empty).")
         .def("clear", [](Engine &e) { e.cache().clear(); }, "Forget every cached token.")
         .def("truncate", [](Engine &e, int n) { e.cache().truncate(n); }, py::arg("n"),
              "Forget cached tokens at positions >= n in every layer.")

@@ -191,6 +191,9 @@ GraphDesc describe_graph(ggml_cgraph *gf) {
         for (int j = 0; j < n_src; ++j)
             n.src.push_back(t->src[j] ? std::optional<TensorDesc>(describe_tensor(t->src[j])) : std::nullopt);
         g.nodes.push_back(std::move(n));
+        // a tensor of the compute buffer off the cache-line grid (new_input in graph.cpp says why)
+        const bool compute_buffer = t->buffer && ggml_backend_buffer_get_usage(t->buffer) == GGML_BACKEND_BUFFER_USAGE_COMPUTE;
+        if (!t->view_src && compute_buffer && (uintptr_t)t->data % 64 != 0) g.unaligned.push_back(g.nodes.size() - 1);
     }
     return g;
 }
@@ -544,6 +547,8 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             g->stats_ops = ops;
             GraphSpec spec{&shape, begin, end, layer_begin, layer_end, &act_use, &g->stats_ops, use_compact ? &compact_ : nullptr, attn_layer};
             g->out = build_forward(g->ctx, g->gf, *model_, *cache_, spec, g->in);
+            ggml_backend_sched_reset(sched_);
+            if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
             if (recording_) {
                 GraphDesc d = describe_graph(g->gf);
                 d.decode = use_compact;  // decode() evaluates with the compact FFN weights, prefill() without
@@ -552,8 +557,6 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
                 d.n_rows = n_rows;
                 recorded_.push_back(std::move(d));
             }
-            ggml_backend_sched_reset(sched_);
-            if (!ggml_backend_sched_alloc_graph(sched_, g->gf)) throw std::runtime_error("failed to allocate the compute graph");
             graph_ = std::move(g);
         }
         const GraphInputs &in = graph_->in;
@@ -660,10 +663,10 @@ void Engine::run_stage(const Batch &batch, int layer_begin, int layer_end, const
             StatsOp &op = graph_->stats_ops[il];
             if (stats_ms) *stats_ms += op.ms;  // the op's own time in the graph
             op.ms = 0.0;
-            stats_rows.resize(ggml_nelements(st));  // [n_rows][1 + kmax]
+            stats_rows.resize(ggml_nelements(st));  // [n_rows][st->ne[0] >= 1 + kmax]
             ggml_backend_tensor_get(st, stats_rows.data(), 0, ggml_nbytes(st));
             lc.stats.configure(rho, op.tau, hp.n_ff);
-            lc.stats.append_rows(stats_rows.data(), n_rows);
+            lc.stats.append_rows(stats_rows.data(), n_rows, (size_t)st->ne[0]);
             if (stats_ms) *stats_ms += ms_since(t0);
         }
         for (int64_t i = 0; i < n_rows; ++i) embd_begin += batch.tokens[begin + i] == -1;

@@ -126,6 +126,7 @@ struct GraphDesc {
     int layer_begin = 0, layer_end = 0;
     int64_t n_rows = 0;
     std::vector<NodeDesc> nodes;
+    std::vector<size_t> unaligned;  // nodes computed into memory that does not start on a 64-byte boundary
 };
 
 struct EngineParams {

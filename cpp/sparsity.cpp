@@ -133,10 +133,10 @@ void NeuronStats::configure(double rho_, float tau_, int64_t n_ff) {
     set_kmax((int)std::floor(rho * (double)n_ff));
 }
 
-void NeuronStats::append_rows(const int32_t *rows, int64_t n_tokens) {
+void NeuronStats::append_rows(const int32_t *rows, int64_t n_tokens, size_t stride) {
     const size_t base = n_active.size();
     uint16_t *slots = prepare_rows(base, n_tokens);
-    const size_t stride = 1 + (size_t)kmax;
+    if (stride == 0) stride = 1 + (size_t)kmax;
     for (int64_t j = 0; j < n_tokens; ++j) {
         const int32_t *row = rows + j * stride;
         n_active[base + j] = row[0];

@@ -61,7 +61,8 @@ struct NeuronStats {
     void configure(double rho, float tau, int64_t n_ff);
     // Statistics already computed by token_stats (the graph's op): [n_tokens][1 + kmax]; a row
     // whose first value is -1 has none.
-    void append_rows(const int32_t *rows, int64_t n_tokens);
+    // rows: n_tokens rows of `stride` words (0: 1 + kmax), each [n_active, slots...]
+    void append_rows(const int32_t *rows, int64_t n_tokens, size_t stride = 0);
 
     // Threshold mode (a profile's tau): a token's core neurons are those with a > tau, stored in
     // its kmax slots (at most kmax: the largest when more pass; unused slots hold kNoNeuron), no sort.

@@ -17,11 +17,15 @@ only, both (cmx.Sparsity defaults: rho 0.2, beta 0.4, K 2, anchor score).
 
 With `--mrope-compare`, (b) instead compares CoreMatching's prefill speedup (cmx tokens only
 against cmx dense, llama-cpp-python dense beside them) on the LLaVA-shaped model with its 576-token
-image and on a Qwen2.5-VL-shaped model with a 1,296-token image (a 1024 x 1024 image: a 36 x 36
-grid), at the same kept fraction (--keep-frac, default 0.25): a `qwen2vl` model of the same size
-(n_embd 2048, n_ff 5632, 22 layers, vocab 32000) with Qwen2.5-VL's attention (16 heads of 128, 2 KV
-heads, q/k/v biases, M-RoPE sections 16/24/24/0), its image at mtmd's grid positions in both
-engines.
+image and on two `qwen2vl` models with a 1,296-token image (a 1024 x 1024 image: a 36 x 36 grid, at
+mtmd's grid positions in both engines), at the same kept fraction (--keep-frac, default 0.25):
+Qwen2.5-VL-3B's text model (n_embd 2048, n_ff 11008, 36 layers, 16 heads of 128, 2 KV heads, q/k/v
+biases, M-RoPE sections 16/24/24/0, rope base 1e6; about 2.9B parameters with the 32000-token
+vocabulary it has here instead of its 151936, which would change only the embedding and output
+matrices: 1.5 GiB in Q4_0), and, for comparison at the LLaVA model's size, a qwen2vl model of
+BIG's shape (n_embd 2048, n_ff 5632, 22 layers) with Qwen2.5-VL's attention and M-RoPE. The ideal
+speedup N*L / (N*(K+1) + n*(L-K-1)) counts per-row work only; attention's cost per row grows with
+the prompt's length, so a measured speedup somewhat above it is expected.
 
 With `--profiled FILE` (the default text model with a cmx-profile profile, `cmx-profile --gguf ...`),
 (a) has two more rows, both CoreMatching tokens + neurons on FILE: `tables only` keeps the
@@ -113,10 +117,14 @@ SHORT_TOKENS = 16
 # the ~1B LLaVA-1.5-shaped text model of (b), and the tiny one of --quick
 BIG = dict(n_embd=2048, n_ff=5632, n_layer=22, n_head=32, n_head_kv=4, n_vocab=32000, seed=0)
 TINY = dict(n_embd=256, n_ff=768, n_layer=4, n_head=8, n_head_kv=2, n_vocab=32000, seed=0)
-# --mrope-compare's Qwen2.5-VL-shaped model (BIG's size, Qwen2.5-VL's attention and M-RoPE) and its
-# 36 x 36 image; the tiny one of --quick
+# --mrope-compare's models with a 36 x 36 image: Qwen2.5-VL-3B's text model (its shape, attention,
+# M-RoPE sections and rope base; BIG's 32000-token vocabulary instead of its 151936, which changes
+# only the output matrix), and a qwen2vl model of BIG's size; the tiny ones of --quick
+QWEN3B = dict(arch="qwen2vl", n_embd=2048, n_ff=11008, n_layer=36, n_head=16, n_head_kv=2, n_vocab=32000, seed=0,
+              sections=[16, 24, 24, 0], rope_theta=1e6)
 QWEN = dict(BIG, arch="qwen2vl", n_head=16, n_head_kv=2, sections=[16, 24, 24, 0])
 TINY_QWEN = dict(TINY, arch="qwen2vl", n_head=2, n_head_kv=1, sections=[16, 24, 24, 0])
+TINY_QWEN3B = dict(TINY_QWEN, n_layer=6, rope_theta=1e6)
 QWEN_GRID, TINY_QWEN_GRID = (36, 36), (8, 8)
 LLAMA_FTYPES = {"q4_0": 2, "q8_0": 7}  # llama_ftype
 
@@ -151,8 +159,9 @@ def pin_cmx() -> None:
 # ---------------------------------------------------------------- (b): the random-weight model
 def model_name(cfg: dict, ftype: str) -> str:
     c = cfg
+    theta = f"-r{int(c['rope_theta'])}" if c.get("rope_theta", 10000.0) != 10000.0 else ""
     return (f"rand-{c.get('arch', 'llama')}-e{c['n_embd']}-ff{c['n_ff']}-l{c['n_layer']}-h{c['n_head']}kv{c['n_head_kv']}"
-            f"-v{c['n_vocab']}-s{c['seed']}-{ftype}.gguf")
+            f"-v{c['n_vocab']}{theta}-s{c['seed']}-{ftype}.gguf")
 
 
 def _tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -173,7 +182,7 @@ def _tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_random_f16(path: str, cfg: dict) -> None:
     """A llama (or qwen2vl: cfg["arch"], M-RoPE cfg["sections"], q/k/v biases) GGUF with random F16
-    matrices (F32 norms and biases), an untied output, and a synthetic
+    matrices (F32 norms and biases), rope base cfg["rope_theta"] (default 10000), an untied output, and a synthetic
     32000-token SentencePiece vocabulary (<unk> <s> </s>, the 256 byte tokens, then ▁t<i>).
     Written tensor by tensor (gguf-py's tensor-info / tensor-data API) to keep memory low."""
     from gguf import GGUFWriter
@@ -195,7 +204,7 @@ def write_random_f16(path: str, cfg: dict) -> None:
     w.add_feed_forward_length(cfg["n_ff"])
     w.add_head_count(H)
     w.add_head_count_kv(cfg["n_head_kv"])
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(E // H)
     if cfg.get("sections"):
@@ -859,12 +868,15 @@ MROPE_CONFIGS = [c for c in CONFIGS if c[0] in ("llama.cpp dense", "cmx dense", 
 
 
 def run_mrope_compare(args) -> dict:
-    """The LLaVA-shaped and the Qwen2.5-VL-shaped model, tokens-only CoreMatching at one kept fraction."""
+    """The LLaVA-shaped model, Qwen2.5-VL-3B's text model and a LLaVA-sized qwen2vl model,
+    tokens-only CoreMatching at one kept fraction."""
     frac = 0.25 if args.keep_frac is None else args.keep_frac
     ft = args.ftypes.split(",")[0]
     out = {"keep_fraction": frac, "ftype": ft, "models": {}}
+    grid = TINY_QWEN_GRID if args.quick else QWEN_GRID
     shapes = [("LLaVA-1.5-shaped llama", TINY if args.quick else BIG, 64 if args.quick else 576, None),
-              ("Qwen2.5-VL-shaped qwen2vl", TINY_QWEN if args.quick else QWEN, None, TINY_QWEN_GRID if args.quick else QWEN_GRID)]
+              ("Qwen2.5-VL-3B-shaped qwen2vl", TINY_QWEN3B if args.quick else QWEN3B, None, grid),
+              ("LLaVA-sized qwen2vl", TINY_QWEN if args.quick else QWEN, None, grid)]
     for label, cfg, n_img, grid in shapes:
         n_img = n_img or grid[0] * grid[1]
         budget = max(1, round(frac * n_img))
@@ -883,6 +895,7 @@ def mrope_report(res: dict) -> str:
              "| model | image tokens | prompt (kept) | llama-cpp-python dense prefill | cmx dense prefill | cmx tokens prefill | "
              "speedup (cmx dense / tokens) | ideal | llama.cpp / cmx dense time | greedy = llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    shapes = []
     for label, r in M["models"].items():
         s = r["summary"]
         lc, dense, tok = (s[k]["prefill_ms"] for k in ("llama.cpp dense", "cmx dense", "cmx tokens"))
@@ -890,6 +903,14 @@ def mrope_report(res: dict) -> str:
         lines.append(f"| {label} | {r['n_img']}{grid} | {r['n_prompt']} ({r['n_prompt_kept']}) | {lc:.0f} ms | {dense:.0f} ms | "
                      f"{tok:.0f} ms | {dense / tok:.2f}x | {r['ideal_prefill_ratio']:.2f}x | {lc / dense:.3f} | "
                      f"{r['greedy_tokens_equal_llama_cpp']} |")
+        c = r["model"]
+        shapes.append(f"{label}: {c.get('arch', 'llama')}, n_embd {c['n_embd']}, n_ff {c['n_ff']}, {c['n_layer']} layers, "
+                      f"{c['n_head']} heads / {c['n_head_kv']} KV heads, vocab {c['n_vocab']}, rope base "
+                      f"{c.get('rope_theta', 10000.0):g}" + (f", M-RoPE sections {c['sections']}" if c.get("sections") else "")
+                      + f"; K = {r['prune_layer']} of {r['n_layer']} layers")
+    lines += ["", "Models (random weights): " + "; ".join(shapes) + ".",
+              "Ideal: N*L / (N*(K+1) + n*(L-K-1)) with N prompt rows, n kept rows; it counts per-row work only (attention's "
+              "cost per row grows with the prompt, so a measured speedup somewhat above it is expected)."]
     return "\n".join(lines) + "\n"
 
 
@@ -1125,8 +1146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report-from", metavar="JSON", help="rebuild --out-md / --plot from a finished run's --out-json "
                     "(recomputes (a)'s decode medians from its rows)")
     ap.add_argument("--mrope-compare", action="store_true",
-                    help="(b) only: prefill speedup of tokens-only CoreMatching on the LLaVA-shaped model (576 image tokens) "
-                    "and a Qwen2.5-VL-shaped one (1296), at --keep-frac (default 0.25); --ftypes' first type")
+                    help="(b) only: prefill speedup of tokens-only CoreMatching on the LLaVA-shaped model (576 image tokens), "
+                    "Qwen2.5-VL-3B's text model and a LLaVA-sized qwen2vl model (1296 each), at --keep-frac (default 0.25); "
+                    "--ftypes' first type")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
