@@ -59,9 +59,8 @@ struct NeuronStats {
     void append(const float *acts, int64_t n_ff, int64_t n_tokens, double rho, int n_threads);
     // Sets rho and tau (NaN: sort mode) for the next append_rows; a change forgets what is stored.
     void configure(double rho, float tau, int64_t n_ff);
-    // Statistics already computed by token_stats (the graph's op): [n_tokens][1 + kmax]; a row
-    // whose first value is -1 has none.
-    // rows: n_tokens rows of `stride` words (0: 1 + kmax), each [n_active, slots...]
+    // Statistics already computed by token_stats (the graph's op): n_tokens rows of `stride`
+    // words (0: 1 + kmax), each [n_active, kmax slots, padding]; a row whose first value is -1 has none.
     void append_rows(const int32_t *rows, int64_t n_tokens, size_t stride = 0);
 
     // Threshold mode (a profile's tau): a token's core neurons are those with a > tau, stored in

@@ -43,10 +43,10 @@ def load_smollm2_tokenizer():
     import gguf
 
     fields = gguf.GGUFReader(str(p)).fields
-    for role in ("bos", "eos", "unk", "pad"):
-        key = f"tokenizer.ggml.{'padding' if role == 'pad' else 'unknown' if role == 'unk' else role}_token_id"
-        if key in fields:
-            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(fields[key].parts[-1][0])))
+    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        if f"tokenizer.ggml.{key}_token_id" in fields:
+            token_id = int(fields[f"tokenizer.ggml.{key}_token_id"].parts[-1][0])
+            setattr(tok, attr, tok.convert_ids_to_tokens(token_id))
     return tok
 
 
@@ -224,13 +224,18 @@ def export_legacy_mmproj(model, path, *, use_f32: bool = False, name: str = "cli
             (p + "ffn_up.weight", layer.mlp.fc2.weight), (p + "ffn_up.bias", layer.mlp.fc2.bias),
             (p + "ln2.weight", layer.layer_norm2.weight), (p + "ln2.bias", layer.layer_norm2.bias),
         ]
-    for tname, t in tower:
+    def stored(tname, t):  # the legacy converter's types: F16 conv and (unless --use-f32) matrix weights
         a = arr(t)
-        if a.ndim == 4 or (f16_default and a.ndim == 2 and tname.endswith(".weight")):
-            a = a.astype(np.float16)
-        else:
-            a = a.astype(np.float32)
-        w.add_tensor(tname, a)
+        f16 = a.ndim == 4 or (f16_default and a.ndim == 2 and tname.endswith(".weight"))
+        return a.astype(np.float16 if f16 else np.float32)
+
+    return write_gguf(w, path, [(tname, stored(tname, t)) for tname, t in tower])
+
+
+def write_gguf(w, path, tensors) -> str:
+    """Add the (name, array) tensors to GGUFWriter w, write the file and close it; its path."""
+    for tname, t in tensors:
+        w.add_tensor(tname, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -56,17 +56,6 @@ def _f32(t) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
 
 
-def _finish(w, path, tensors) -> str:
-    """Add the (name, array) tensors to GGUFWriter w, write the file and close it; its path."""
-    for tname, t in tensors:
-        w.add_tensor(tname, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
-
-
 def _siglip_tower_tensors(vm) -> list:
     """A SigLIP tower's (SmolVLM's, Gemma 3's) tensors under clip.cpp's names, in the checkpoint's
     (sorted) order of HF names: patch and position embeddings, every block, the post-layernorm."""
@@ -187,7 +176,7 @@ def export_idefics3_mmproj(model, path, *, longest_edge: int = SMOLVLM_LONGEST_E
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     tensors = [("mm.model.fc.weight", inner.connector.modality_projection.proj.weight), *_siglip_tower_tensors(inner.vision_model)]
-    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
+    return lt.write_gguf(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def export_text(model_text, lm_head, text_config: dict, tokenizer, path, outtype: str = "f32") -> str:
@@ -363,7 +352,7 @@ def export_qwen2vl_text(model, tok, path, *, name: str = "tiny-qwen2.5-vl") -> s
             (p + "attn_q.weight", att.q_proj.weight), (p + "attn_v.bias", att.v_proj.bias), (p + "attn_v.weight", att.v_proj.weight),
         ]
     tensors.append(("output_norm.weight", lm.norm.weight))
-    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
+    return lt.write_gguf(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def export_qwen25vl_mmproj(model, path, *, name: str = "tiny-qwen2.5-vl") -> str:
@@ -414,7 +403,7 @@ def export_qwen25vl_mmproj(model, path, *, name: str = "tiny-qwen2.5-vl") -> str
                 ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
     patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
     tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
-    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
+    return lt.write_gguf(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def build_tiny_qwen2vl(tok, *, seed: int = 0, text_hidden: int = 64):
@@ -485,7 +474,7 @@ def export_qwen2vl_mmproj(model, path, *, name: str = "tiny-qwen2-vl") -> str:
                 ("mm.2.bias", merger.mlp[2].bias), ("mm.2.weight", merger.mlp[2].weight)]
     patch = vis.patch_embed.proj.weight  # [out, in, time 2, h, w]
     tensors += [("v.patch_embd.weight", patch[:, :, 0]), ("v.patch_embd.weight.1", patch[:, :, 1])]
-    return _finish(w, path, [(tname, _f32(t)) for tname, t in tensors])
+    return lt.write_gguf(w, path, [(tname, _f32(t)) for tname, t in tensors])
 
 
 def export_qwen2vl_pair(out, text_type: str = "f32"):
@@ -661,7 +650,7 @@ def write_random_gemma3_text(path, *, n_embd: int, n_ff: int, n_layer: int, n_he
                          (p + "attn_v.weight", matrix(kv, n_embd))):
             if tname not in skip:
                 w.add_tensor(tname, t)
-    return _finish(w, path, [("output_norm.weight", norm(n_embd))])
+    return lt.write_gguf(w, path, [("output_norm.weight", norm(n_embd))])
 
 
 def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
@@ -693,7 +682,7 @@ def export_gemma3_text(model, tok, path, name: str = "tiny-gemma3") -> str:
             (p + "attn_q.weight", att.q_proj.weight, 0.0), (p + "attn_v.weight", att.v_proj.weight, 0.0),
         ]
     tensors.append(("output_norm.weight", lm.norm.weight, 1.0))
-    return _finish(w, path, [(tname, _f32(t) + np.float32(shift)) for tname, t, shift in tensors])
+    return lt.write_gguf(w, path, [(tname, _f32(t) + np.float32(shift)) for tname, t, shift in tensors])
 
 
 def export_gemma3_mmproj(model, path, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), name: str = "tiny-gemma3") -> str:
@@ -731,7 +720,7 @@ def export_gemma3_mmproj(model, path, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.
     vm = getattr(vm, "vision_model", vm)  # transformers 4 has the extra level
     w.add_tensor("mm.input_projection.weight", _f32(proj.mm_input_projection_weight).astype(np.float16))
     w.add_tensor("mm.soft_emb_norm.weight", _f32(proj.mm_soft_emb_norm.weight) + np.float32(1.0))
-    return _finish(w, path, [(tname, _f32(t)) for tname, t in _siglip_tower_tensors(vm)])
+    return lt.write_gguf(w, path, [(tname, _f32(t)) for tname, t in _siglip_tower_tensors(vm)])
 
 
 def export_gemma3_pair(out, text_type: str = "f32"):

@@ -31,7 +31,7 @@ import numpy as np
 import cmx
 from cmx import scenes
 
-SETTINGS = {"dense": None, "corematching": "defaults"}
+SETTINGS = ("dense", "corematching")  # dense, and CoreMatching at cmx.Sparsity()'s defaults
 
 
 def top_two(logits: np.ndarray) -> tuple[int, int]:
@@ -57,7 +57,7 @@ def work(task):
     a = cmx.Model(n_ctx=2048, n_threads=threads, device=dev_a)
     b = cmx.Model(n_ctx=2048, n_threads=threads, device=dev_b)
     cross = cmx.Model(n_ctx=2048, n_threads=threads, device=dev_b)  # B's language model, A's embeddings
-    defaults = cmx.Sparsity()
+    sparsity = {"dense": None, "corematching": cmx.Sparsity()}
     out = []
     for i, seed in enumerate(scenes.split_seeds(split, stop)):
         if i < start:
@@ -65,17 +65,16 @@ def work(task):
         scene, question, truth, qtype = scenes.make_example_full(seed, scenes.QUESTION_TYPES[i % len(scenes.QUESTION_TYPES)])
         msg = [{"role": "user", "content": [{"type": "image", "image": scene.image}, {"type": "text", "text": question}]}]
         row = {"i": i, "type": qtype, "truth": truth}
-        for name, sp in SETTINGS.items():
-            sp = defaults if sp == "defaults" else None
+        for name in SETTINGS:
+            sp = sparsity[name]
             la, lb = first_logits(a, msg, sp), first_logits(b, msg, sp)
             t1, t2 = top_two(la)
             r = {"answer_a": answer(a, msg, sp, max_tokens), "answer_b": answer(b, msg, sp, max_tokens),
                  "margin": float(la[t1] - la[t2]), "d_margin": float((lb[t1] - lb[t2]) - (la[t1] - la[t2])),
                  "d_max": float(np.abs(la - lb).max()), "first_same": int(np.argmax(la)) == int(np.argmax(lb))}
             if sp is None:
-                ea, eb = a._image_embd._items, b._image_embd._items  # this question's image, encoded on each device
-                (digest, embd_a), = list(ea.items())[-1:]
-                embd_b = eb[digest]
+                digest, embd_a = next(reversed(a._image_embd._items.items()))  # this question's image, as A encoded it
+                embd_b = b._image_embd.get(digest)
                 r["embd_rel"] = float(np.abs(embd_a - embd_b).max() / np.abs(embd_a).max())
                 cross._image_embd.put(digest, embd_a)
                 lc = first_logits(cross, msg, None)
