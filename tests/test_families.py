@@ -375,6 +375,20 @@ def test_qwen25vl_pruned_tokens_keep_their_positions(family_pair):
                           np.arange(next_pos, next_pos + n_answer))
 
 
+def test_qwen25vl_pools_each_image_on_its_own_grid(family_pair):
+    """select='pool' on M-RoPE images: each image's windows come from its own rows x columns (8 x 6
+    tokens: 6 rows of 8), read from its tokens' positions, not from a square grid."""
+    from cmx.selection import pool_groups
+
+    pair = family_pair("qwen25vl")
+    _, _, images = pair
+    m = model(pair)
+    messages = [turn("Compare the two pictures.", images[0], images[2])]
+    logits = m._prefill_chat(messages, cmx.Sparsity(select="pool", budget=12, neurons=False))
+    assert np.isfinite(logits).all()
+    assert m.last_stats["kept_image_tokens"] == [pool_groups(48, 12, (6, 8))[0], pool_groups(16, 12, (4, 4))[0]]
+
+
 def test_qwen25vl_pruned_prefill_over_small_batches(family_pair):
     """The prompt split into 16-row graphs (each graph's rows carry their own position components,
     before and after the pruning layer) gives the one-graph prefill's choice and logits."""

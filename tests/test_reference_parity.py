@@ -631,6 +631,23 @@ def test_pool_averages_each_window_after_layer_k(tiny_llava):
     assert np.abs(logits - theirs).max() < F16_CACHE_LOGITS
 
 
+def test_pool_on_a_rectangular_grid():
+    """A grid of rows x columns (an M-RoPE image's) pools in torch's adaptive_avg_pool2d windows,
+    as many as closest to k, the windows the closest to square; a grid that does not hold the
+    tokens is refused."""
+    from cmx.selection import pool_grid, pool_groups
+
+    assert pool_grid(6, 8, 12) == (3, 4) and pool_grid(8, 6, 12) == (4, 3) and pool_grid(24, 24, 61) == (6, 10)
+    keep, groups = pool_groups(48, 12, (6, 8))
+    onehot = torch.eye(48).reshape(48, 6, 8)
+    weights = torch.nn.functional.adaptive_avg_pool2d(onehot[None], (3, 4))[0].reshape(48, 12)
+    assert sorted(groups) == sorted(sorted(np.flatnonzero(weights[:, c].numpy() > 0).tolist()) for c in range(12))
+    assert all(k in g for k, g in zip(keep, groups)) and keep == sorted(keep)
+    assert pool_groups(576, 64, (24, 24)) == pool_groups(576, 64)
+    with pytest.raises(ValueError, match="does not hold"):
+        pool_groups(48, 12, (6, 7))
+
+
 def test_selection_options_reach_the_engine_checks():
     with pytest.raises(ValueError, match="needs tokens=True and budget"):
         cmx.Sparsity(select="fastv")

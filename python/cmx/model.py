@@ -26,6 +26,17 @@ __all__ = ["Model", "ModelLoadError", "ImageError", "VisionModelError", "Sparsit
 _MODEL_DEFAULT = object()  # a call's sparsity= when not given: the Model's own setting
 
 
+def _mrope_grid(rope_pos: np.ndarray | None, segments: list) -> tuple[int, int] | None:
+    """An M-RoPE image's token grid (rows, columns), read from its tokens' row and column position
+    components (token i sits at row i // columns, column i % columns); None for other models and
+    for an image in several chunks."""
+    if rope_pos is None or len(segments) != 1:
+        return None
+    first, count = segments[0]
+    rows, cols = rope_pos[first : first + count, 1], rope_pos[first : first + count, 2]
+    return int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+
+
 def _check_sparsity(sparsity) -> Sparsity | None:
     if sparsity is not None and not isinstance(sparsity, Sparsity):
         raise ValueError(f"sparsity must be a cmx.Sparsity or None (dense), got {type(sparsity).__name__}")
@@ -286,7 +297,8 @@ class Model:
         if sparsity is not None and sparsity.tokens and sparsity.select in selection.MADE_IN_PYTHON:
             for i, (segs, count) in enumerate(zip(images, counts)):
                 e0 = int((rows[: segs[0][0]] < 0).sum())  # the image's first row among the embedding rows
-                keep, groups = selection.choose(sparsity.select, embd[e0 : e0 + count], sparsity.budget, sparsity.seed + i)
+                keep, groups = selection.choose(sparsity.select, embd[e0 : e0 + count], sparsity.budget, sparsity.seed + i,
+                                                grid=_mrope_grid(rope_pos, segs))
                 spans[i] = (where[i], count, keep) if groups is None else (where[i], count, keep, groups)
         select_ms = (time.perf_counter() - t_select) * 1e3  # selections made here; the engine adds its own
         r = self._engine.prefill(rows, np.arange(start, start + n, dtype=np.int32), np.array([n - 1], np.int32), embd,
