@@ -136,7 +136,6 @@ void NeuronStats::configure(double rho_, float tau_, int64_t n_ff) {
 void NeuronStats::append_rows(const int32_t *rows, int64_t n_tokens, size_t stride) {
     const size_t base = n_active.size();
     uint16_t *slots = prepare_rows(base, n_tokens);
-    if (stride == 0) stride = 1 + (size_t)kmax;
     for (int64_t j = 0; j < n_tokens; ++j) {
         const int32_t *row = rows + j * stride;
         n_active[base + j] = row[0];
@@ -154,7 +153,7 @@ void NeuronStats::append_computed(const float *acts, int64_t n_ff, int64_t n_tok
     const size_t stride = 1 + (size_t)kmax;
     std::vector<int32_t> rows(n_tokens * stride);
     parallel_for(n_tokens, n_threads, [&](int64_t j) { token_stats(acts + j * n_ff, n_ff, kmax, tau, rows.data() + j * stride); });
-    append_rows(rows.data(), n_tokens);
+    append_rows(rows.data(), n_tokens, stride);
 }
 
 std::vector<int32_t> core_neurons(const NeuronStats &stats, int64_t n_ff, double beta, int64_t block) {

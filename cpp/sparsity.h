@@ -60,8 +60,8 @@ struct NeuronStats {
     // Sets rho and tau (NaN: sort mode) for the next append_rows; a change forgets what is stored.
     void configure(double rho, float tau, int64_t n_ff);
     // Statistics already computed by token_stats (the graph's op): n_tokens rows of `stride`
-    // words (0: 1 + kmax), each [n_active, kmax slots, padding]; a row whose first value is -1 has none.
-    void append_rows(const int32_t *rows, int64_t n_tokens, size_t stride = 0);
+    // (>= 1 + kmax) words, each [n_active, kmax slots, padding]; a row whose first value is -1 has none.
+    void append_rows(const int32_t *rows, int64_t n_tokens, size_t stride);
 
     // Threshold mode (a profile's tau): a token's core neurons are those with a > tau, stored in
     // its kmax slots (at most kmax: the largest when more pass; unused slots hold kNoNeuron), no sort.
