@@ -196,6 +196,125 @@ class AuxHeads(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# CoreMatching in the training forward (--cm-train)
+
+class CoreMatchingCut:
+    """Runs the LM the way cmx's engine runs it under CoreMatching's defaults, so that the demo
+    model can learn to answer from what the engine leaves it (docs/decisions.md, "A demo model
+    trained with the cut"). The rules are the engine's (docs/corematching.md):
+      * core tokens: layers 0..K see every row. After layer K only `keep` image rows stay: those
+        whose activated FFN neurons at K (a > 0) overlap most with the anchor row's (the first
+        token of the first turn's answer header, '<|im_start|>'; equal scores: lower index
+        first). Kept rows keep their original positions (RoPE). A fixed count stands for the
+        elbow: with the default floor of 25% it keeps 144 of 576 in most prompts;
+      * core neurons: in every layer but `dense_layers`, the FFN of each answer row (the rows the
+        engine evaluates while decoding: the answer's tokens before its end-of-turn) reads only
+        the core neurons of the text rows before its turn's answer: each text row's top
+        floor(rho x mean activated count) neurons, then the n_core most frequent among them.
+    The layout tensors are set per batch (`set_batch`); the LM's FFNs call `ffn` through
+    `install`. `active` False is the dense LM, unchanged."""
+
+    def __init__(self, n_layers: int, n_ff: int, prune_layer: int = 2, keep: int = 144, rho: float = 0.2,
+                 beta: float = 0.4, block: int = 32, dense_layers=None, tokens: bool = True, neurons: bool = True):
+        self.n_layers, self.n_ff = n_layers, n_ff
+        self.prune_layer, self.keep, self.rho = prune_layer, keep, rho
+        self.n_core = min(n_ff, -(-int(beta * n_ff) // block) * block)  # floor(beta n_ff) up to a block
+        self.dense_layers = set(dense_layers if dense_layers is not None else (0, n_layers - 1))
+        self.tokens, self.neurons = tokens, neurons
+        self.active = False
+        self.acts_k = None
+
+    def install(self, lm):
+        """Route every decoder layer's FFN through `ffn` (same modules and parameter names)."""
+        for i, layer in enumerate(lm.model.layers):
+            layer.mlp.forward = self._ffn_forward(layer.mlp, i)
+
+    def _ffn_forward(self, mlp, index):
+        def forward(x):
+            a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [B, L, n_ff]
+            if self.active:
+                a = self.ffn(a, index)
+            return mlp.down_proj(a)
+        return forward
+
+    def set_batch(self, n_prefix: int, n_image: int, stat_rows, answer_turn, turn_ends, anchor):
+        """Layout of a batch in full rows: image rows [n_prefix, n_prefix + n_image); stat_rows
+        [B, L] bool (text rows, not padding); answer_turn [B, L] long (turn of an answer row, -1
+        elsewhere); turn_ends [B, J] long (each turn's last prompt row; 0 for absent turns);
+        anchor [B] long (the anchor row)."""
+        self.n_prefix, self.n_image = n_prefix, n_image
+        self.full = (stat_rows, answer_turn, turn_ends)
+        self.anchor = anchor
+        cut = n_image - self.keep
+        self.pruned = (torch.cat([stat_rows[:, : n_prefix + self.keep], stat_rows[:, n_prefix + n_image:]], 1),
+                       torch.cat([answer_turn[:, : n_prefix + self.keep], answer_turn[:, n_prefix + n_image:]], 1),
+                       torch.where(turn_ends >= n_prefix + n_image, turn_ends - cut, turn_ends))
+        self.layout = self.full
+
+    def ffn(self, a, index):
+        if self.tokens and index == self.prune_layer:
+            self.acts_k = a.detach()
+        if self.neurons and index not in self.dense_layers:
+            a = a * self.neuron_mask(a)
+        return a
+
+    @torch.no_grad()
+    def neuron_mask(self, a):
+        stat_rows, answer_turn, turn_ends = self.layout
+        B, L, F_ = a.shape
+        af = a.float()
+        active = (af > 0) & stat_rows[..., None]
+        n_stat = stat_rows.sum(1).clamp(min=1)
+        k = (self.rho * active.sum((1, 2)) / n_stat).floor().long()  # [B] token-wise core count
+        k_max = max(1, int(self.rho * F_))
+        top = af.masked_fill(~stat_rows[..., None], float("-inf")).topk(k_max, dim=-1).indices  # [B, L, k_max]
+        in_core = (torch.arange(k_max, device=a.device) < k[:, None, None]) & stat_rows[..., None]
+        onehot = torch.zeros(B, L, F_, device=a.device).scatter_(2, top, in_core.float())
+        freq = onehot.cumsum(1).gather(1, turn_ends[..., None].expand(-1, -1, F_))  # [B, J, n_ff] up to each turn's end
+        order = torch.arange(F_ - 1, -1, -1, device=a.device, dtype=torch.float32)  # equal counts: lower index first
+        core = (freq * F_ + order).topk(self.n_core, dim=-1).indices
+        turn_mask = torch.zeros(B, turn_ends.shape[1], F_, device=a.device).scatter_(2, core, 1.0)  # [B, J, n_ff]
+        rows = turn_mask.gather(1, answer_turn.clamp(min=0)[..., None].expand(-1, -1, F_))  # [B, L, n_ff]
+        return torch.where(answer_turn[..., None] >= 0, rows, torch.ones_like(rows)).to(a.dtype)
+
+    @torch.no_grad()
+    def kept_rows(self, L: int):
+        """Row indices that go on after layer K: [B, L - n_image + keep], ascending."""
+        P, M = self.n_prefix, self.n_image
+        active = self.acts_k > 0  # [B, L, n_ff]
+        anchor = active.gather(1, self.anchor[:, None, None].expand(-1, 1, active.shape[-1]))  # [B, 1, n_ff]
+        score = (active[:, P:P + M] & anchor).sum(-1)  # [B, M]
+        key = score * M + torch.arange(M - 1, -1, -1, device=score.device)
+        kept = key.topk(self.keep, dim=-1).indices.sort(dim=-1).values + P
+        B = kept.shape[0]
+        dev = kept.device
+        return torch.cat([torch.arange(P, device=dev).expand(B, -1), kept,
+                          torch.arange(P + M, L, device=dev).expand(B, -1)], 1)
+
+    def hidden(self, lm, x):
+        """The LM's last hidden state for embedded rows x [B, L, d]: its decoder layers in turn,
+        with the cut after layer K when active. Returns (h, rows): rows [B, L'] maps output rows
+        to input rows."""
+        m = lm.model
+        B, L, d = x.shape
+        rows = torch.arange(L, device=x.device).expand(B, -1)
+        pe = m.rotary_emb(x, rows)
+        h = x
+        self.layout = self.full if self.active else None
+        for i, layer in enumerate(m.layers):
+            h = layer(h, attention_mask=None, position_ids=rows, position_embeddings=pe, use_cache=False)
+            if isinstance(h, tuple):
+                h = h[0]
+            if self.active and self.tokens and i == self.prune_layer:
+                rows = self.kept_rows(L)
+                h = h.gather(1, rows[..., None].expand(-1, -1, d))  # [B, L', d]
+                pe = m.rotary_emb(h, rows)
+                self.layout = self.pruned
+                self.acts_k = None
+        return m.norm(h), rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Data
 
 def patch_labels(scene) -> np.ndarray:
@@ -282,6 +401,10 @@ class PromptBuilder:
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         pre, post = text.split(IMAGE_MARKER)
         self.prompt_text = text
+        # the anchor of CoreMatching's score: the first token of the answer header the template
+        # appends (as the engine finds it: the prompt with and without the generation prompt)
+        plain = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        self.n_gen = len(tokenizer(text[len(plain):], add_special_tokens=False).input_ids) if text.startswith(plain) else 1
         self.prefix_ids = tokenizer(pre, add_special_tokens=False).input_ids
         self.post_template = post
         # later turns of a multi-turn conversation: text between "<answer><|im_end|>" and the
@@ -362,31 +485,48 @@ def load_lm(args, device):
 # Batches
 
 def build_batch(pb: PromptBuilder, questions, answers, device, pad_id, seq_len: int = 0):
-    """Right-padded token ids (image slots = pad), label positions. With right padding and a causal
-    LM, pads never influence real tokens, so no attention mask is needed. With seq_len > 0 every
-    row is padded to seq_len (one shape for compiled layers); turns that would not fit are dropped
-    (the first turn always fits at the default 768: conversations of 8 turns are 670-767 tokens)."""
+    """Right-padded token ids (image slots = pad), label positions, and the rows' layout for
+    CoreMatchingCut. With right padding and a causal LM, pads never influence real tokens, so no
+    attention mask is needed. With seq_len > 0 every row is padded to seq_len (one shape for
+    compiled layers); turns that would not fit are dropped (the first turn always fits at the
+    default 768: conversations of 8 turns are 670-767 tokens)."""
     P, n_img = len(pb.prefix_ids), pb.n_img
-    seqs, tgt_pos, tgt_ids = [], [], []
+    seqs, tgt_pos, tgt_ids, turns = [], [], [], []
     for b, (qs, ans_list) in enumerate(zip(questions, answers)):
         seq = pb.prefix_ids + [pad_id] * n_img
+        ends, answer_rows = [], []
         for j, (q, a) in enumerate(zip(qs, ans_list)):
             turn = pb.suffix(q) if j == 0 else pb.turn(q)
             ans = pb.answer(a)
             if seq_len and j > 0 and len(seq) + len(turn) + len(ans) > seq_len:
                 break
             seq = seq + turn
+            ends.append(len(seq) - 1)  # the last prompt row: its logits give the answer's first token
+            answer_rows.append(range(len(seq), len(seq) + len(ans) - 1))  # decoded rows: answer before end-of-turn
             for k, t in enumerate(ans):
                 tgt_pos.append((b, len(seq) + k - 1))  # logits at position t predict token t+1
                 tgt_ids.append(t)
             seq = seq + ans
         seqs.append(seq)
+        turns.append((ends, answer_rows))
     L = max(max(len(s) for s in seqs), seq_len)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    stat_rows = torch.zeros(len(seqs), L, dtype=torch.bool)
+    answer_turn = torch.full((len(seqs), L), -1, dtype=torch.long)
+    turn_ends = torch.zeros(len(seqs), max(len(t[0]) for t in turns), dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
+        stat_rows[b, : len(s)] = True
+        stat_rows[b, P:P + n_img] = False
+        ends, answer_rows = turns[b]
+        turn_ends[b, : len(ends)] = torch.tensor(ends)
+        for j, r in enumerate(answer_rows):
+            answer_turn[b, r.start:r.stop] = j
+    anchor = turn_ends[:, 0] - (pb.n_gen - 1)
     pos = torch.tensor(tgt_pos, dtype=torch.long)
-    return ids.to(device), pos.to(device), torch.tensor(tgt_ids, dtype=torch.long, device=device)
+    layout = {"stat_rows": stat_rows.to(device), "answer_turn": answer_turn.to(device),
+              "turn_ends": turn_ends.to(device), "anchor": anchor.to(device)}
+    return ids.to(device), pos.to(device), torch.tensor(tgt_ids, dtype=torch.long, device=device), layout
 
 
 class Collator:
@@ -398,7 +538,7 @@ class Collator:
     def __call__(self, items):
         out = collate(items)
         if self.pb is not None:
-            out["ids"], out["tpos"], out["tids"] = build_batch(
+            out["ids"], out["tpos"], out["tids"], out["layout"] = build_batch(
                 self.pb, out["question"], out["answer"], "cpu", self.pad_id, self.seq_len)
         return out
 
@@ -410,7 +550,9 @@ def splice(lm, ids, img_emb, P):
 
 
 @torch.no_grad()
-def evaluate(vision, lm, pb, loader, device, amp_dtype, max_new_tokens=4):
+def evaluate(vision, lm, pb, loader, device, amp_dtype, max_new_tokens=4, cut: CoreMatchingCut | None = None):
+    """Greedy answers to one question per image, exact match. With `cut`, the LM runs under
+    CoreMatching as the engine runs it: the prompt's last row dense, the decoded rows sparse."""
     vision.eval()
     P = len(pb.prefix_ids)
     per_type: dict[str, list[int]] = {}
@@ -432,9 +574,23 @@ def evaluate(vision, lm, pb, loader, device, amp_dtype, max_new_tokens=4):
             x = torch.cat([embed(pre), img_emb[idx].to(embed.weight.dtype), embed(suf)], dim=1)
             out_tokens = [[] for _ in idx]
             done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            n_prompt = x.shape[1]
             for _ in range(max_new_tokens):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
+                    if cut is None:
+                        h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
+                    else:
+                        B, L = x.shape[:2]
+                        stat_rows = torch.zeros(B, L, dtype=torch.bool, device=device)
+                        stat_rows[:, :n_prompt] = True
+                        stat_rows[:, P:P + img_emb.shape[1]] = False
+                        answer_turn = torch.full((B, L), -1, dtype=torch.long, device=device)
+                        answer_turn[:, n_prompt:] = 0
+                        ends = torch.full((B, 1), n_prompt - 1, dtype=torch.long, device=device)
+                        cut.set_batch(P, img_emb.shape[1], stat_rows, answer_turn, ends, ends[:, 0] - (pb.n_gen - 1))
+                        cut.active = True
+                        h = cut.hidden(lm, x)[0][:, -1]
+                        cut.active = False
                     nxt = lm.lm_head(h).float().argmax(-1)
                 for j, t in enumerate(nxt.tolist()):
                     if not done[j]:
@@ -614,6 +770,13 @@ def main(argv=None):
     ap.add_argument("--data-offset", type=int, default=-1, help="first training example (default: examples seen before, from --resume)")
     ap.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--cm-train", type=float, default=0.0,
+                    help="share of steps whose LM forward runs under CoreMatching's cut (CoreMatchingCut); 0: never")
+    ap.add_argument("--cm-layer", type=int, default=2, help="K: the cut comes after this layer")
+    ap.add_argument("--cm-keep", type=int, default=144, help="image rows kept after layer K")
+    ap.add_argument("--cm-rho", type=float, default=0.2)
+    ap.add_argument("--cm-beta", type=float, default=0.4)
+    ap.add_argument("--cm-no-neurons", action="store_true", help="the cut removes image rows only (answer rows keep every FFN neuron)")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -714,8 +877,17 @@ def main(argv=None):
         p = min(1.0, (step - args.warmup) / max(1, total_steps - args.warmup))
         return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p))
 
+    cut = None
+    if args.cm_train > 0:
+        cut = CoreMatchingCut(lm.config.num_hidden_layers, lm.config.intermediate_size, prune_layer=args.cm_layer,
+                              keep=args.cm_keep, rho=args.cm_rho, beta=args.cm_beta, neurons=not args.cm_no_neurons)
+        cut.install(lm)
+        log(f"CoreMatching cut in {args.cm_train:.0%} of the steps: K {args.cm_layer}, keep {args.cm_keep}, "
+            f"core neurons {cut.n_core if cut.neurons else 'all'} of {cut.n_ff}, dense layers {sorted(cut.dense_layers)}")
+
     if args.compile:
-        for layer in lm.model.layers:
+        # the cut's steps change the rows and the FFNs per layer: its LM layers run eagerly
+        for layer in (lm.model.layers if cut is None else []):
             layer.compile(dynamic=False)
         for layer in vision.tower().encoder.layers:
             layer.compile(dynamic=False)
@@ -818,9 +990,17 @@ def main(argv=None):
         log(f"val accuracy {acc:.4f} on {n_val} questions ({time.time() - t_eval:.1f}s)")
         for k, v in by_type.items():
             log(f"  {k:12s} {v['acc']:.3f} (n={v['n']})")
-        return {"val_accuracy": round(acc, 4), "val_n": n_val, "val_by_type": by_type, "val_samples": samples,
-                "val_seeds": f"split_seeds('val', {args.val_n}), qtype = QUESTION_TYPES[i % 7]",
-                "eval_wall_s": round(time.time() - t_eval, 1)}
+        out = {"val_accuracy": round(acc, 4), "val_n": n_val, "val_by_type": by_type, "val_samples": samples,
+               "val_seeds": f"split_seeds('val', {args.val_n}), qtype = QUESTION_TYPES[i % 7]"}
+        if cut is not None:
+            with torch.compiler.set_stance("force_eager"):
+                acc_cm, by_type_cm, _, _ = evaluate(vision, lm, pb, loader, device, amp_dtype, cut=cut)
+            log(f"val accuracy under the cut {acc_cm:.4f}")
+            for k, v in by_type_cm.items():
+                log(f"  {k:12s} {v['acc']:.3f}")
+            out.update({"val_accuracy_cut": round(acc_cm, 4), "val_by_type_cut": by_type_cm})
+        out["eval_wall_s"] = round(time.time() - t_eval, 1)
+        return out
 
     if args.eval_at_start:
         v0 = run_eval()
@@ -837,6 +1017,7 @@ def main(argv=None):
     losses, step = [], 0
     t_mark, step_mark = None, 0
     run_lm, run_aux, n_run = 0.0, 0.0, 0
+    run_cut, n_cut = 0.0, 0
     t_train = time.time()
     last_save = time.time()
     log(f"training: {args.steps} steps max, batch {args.batch_size}, workers {args.workers}, seq_len {args.seq_len or 'batch max'}")
@@ -850,11 +1031,21 @@ def main(argv=None):
         ids = batch["ids"].to(device, non_blocking=True)
         tpos = batch["tpos"].to(device, non_blocking=True)
         tids = batch["tids"].to(device, non_blocking=True)
+        use_cut = cut is not None and math.floor((step + 1) * args.cm_train) > math.floor(step * args.cm_train)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             img_emb, feats = vision(pix)
             x = splice(lm, ids, img_emb, P)
-            h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state
-            logits = lm.lm_head(h[tpos[:, 0], tpos[:, 1]]).float()
+            if use_cut:
+                lay = {k: v.to(device, non_blocking=True) for k, v in batch["layout"].items()}
+                cut.set_batch(P, n_img, lay["stat_rows"], lay["answer_turn"], lay["turn_ends"], lay["anchor"])
+                cut.active = True
+                h, rows = cut.hidden(lm, x)
+                cut.active = False
+                # answers follow the image: after the cut their rows move up by the removed count
+                logits = lm.lm_head(h[tpos[:, 0], tpos[:, 1] - (n_img - cut.keep)]).float()
+            else:
+                h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state
+                logits = lm.lm_head(h[tpos[:, 0], tpos[:, 1]]).float()
             loss_lm = F.cross_entropy(logits, tids)
             loss = loss_lm
             ratio = img_emb.float().norm(dim=-1) / text_norm
@@ -870,6 +1061,9 @@ def main(argv=None):
         gn = torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip)
         opt.step()
         step += 1
+        if use_cut:
+            run_cut += float(loss_lm.detach())
+            n_cut += 1
         run_lm += float(loss_lm.detach())
         run_aux += float(loss_aux.detach())
         n_run += 1
@@ -885,6 +1079,8 @@ def main(argv=None):
             entry = {"step": step, "lm": round(run_lm / n_run, 4), "aux": round(run_aux / n_run, 4),
                      "lr": round(args.lr * lr_factor(step - 1), 6), "gnorm": round(float(gn), 3), "t": round(now - t_train, 1),
                      "img_norm_ratio": round(float(ratio.detach().mean()), 3)}
+            if n_cut:
+                entry["lm_cut"] = round(run_cut / n_cut, 4)
             if t_mark is not None and step > step_mark:
                 speed.update({"steps_per_s": round((step - step_mark) / (now - t_mark), 3),
                               "images_per_s": round((step - step_mark) * args.batch_size / (now - t_mark), 1),
@@ -893,9 +1089,10 @@ def main(argv=None):
             losses.append(entry)
             mem = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if device.type == "cuda" else ""
             log(f"step {step}/{total_steps} lm {entry['lm']:.4f} aux {entry['aux']:.4f} lr {entry['lr']:.2e} "
-                f"gn {entry['gnorm']:.2f} norm {entry['img_norm_ratio']:.2f} t {entry['t']}s "
+                f"{'cut ' + format(entry['lm_cut'], '.4f') + ' ' if 'lm_cut' in entry else ''}gn {entry['gnorm']:.2f} norm {entry['img_norm_ratio']:.2f} t {entry['t']}s "
                 f"{speed.get('steps_per_s', 0):.2f} step/s{mem}")
             run_lm, run_aux, n_run = 0.0, 0.0, 0
+            run_cut, n_cut = 0.0, 0
         if args.save_every > 0 and time.time() - last_save > args.save_every and step < total_steps:
             save_checkpoint(out_dir, vision, wrapped, aux, cfg_json, make_record(step, losses, time.time() - t_train),
                             args.shard_bytes, save_dtype)
