@@ -373,7 +373,12 @@ std::vector<ggml_backend_buffer_type_t> cpu_extra_bufts(ggml_backend_dev_t cpu_d
     ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu_dev);
     auto get_extra = (ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
     if (!get_extra) return out;
-    for (ggml_backend_buffer_type_t *p = get_extra(cpu_dev); p && *p; ++p) out.push_back(*p);
+    for (ggml_backend_buffer_type_t *p = get_extra(cpu_dev); p && *p; ++p) {
+        // ggml's AMX matmul crashes on some AMX machines (llama.cpp issue #20824; every load
+        // crashed on the Sapphire Rapids machines here): weights stay out of its buffer type.
+        if (std::string(ggml_backend_buft_name(*p)) == "AMX") continue;
+        out.push_back(*p);
+    }
     return out;
 }
 
