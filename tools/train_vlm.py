@@ -251,6 +251,18 @@ class CoreMatchingCut:
                        torch.where(turn_ends >= n_prefix + n_image, turn_ends - cut, turn_ends))
         self.layout = self.full
 
+    def set_prompt(self, n_prefix: int, n_image: int, n_prompt: int, x, n_gen: int):
+        """Layout of one-turn prompts of n_prompt rows followed by decoded rows (rows of x
+        [B, L, d] from n_prompt on): the anchor is the first of the answer header's n_gen rows."""
+        B, L = x.shape[:2]
+        stat_rows = torch.zeros(B, L, dtype=torch.bool, device=x.device)
+        stat_rows[:, :n_prompt] = True
+        stat_rows[:, n_prefix:n_prefix + n_image] = False
+        answer_turn = torch.full((B, L), -1, dtype=torch.long, device=x.device)
+        answer_turn[:, n_prompt:] = 0
+        ends = torch.full((B, 1), n_prompt - 1, dtype=torch.long, device=x.device)
+        self.set_batch(n_prefix, n_image, stat_rows, answer_turn, ends, ends[:, 0] - (n_gen - 1))
+
     def ffn(self, a, index):
         if self.tokens and index == self.prune_layer:
             self.acts_k = a.detach()
@@ -580,14 +592,7 @@ def evaluate(vision, lm, pb, loader, device, amp_dtype, max_new_tokens=4, cut: C
                     if cut is None:
                         h = lm.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
                     else:
-                        B, L = x.shape[:2]
-                        stat_rows = torch.zeros(B, L, dtype=torch.bool, device=device)
-                        stat_rows[:, :n_prompt] = True
-                        stat_rows[:, P:P + img_emb.shape[1]] = False
-                        answer_turn = torch.full((B, L), -1, dtype=torch.long, device=device)
-                        answer_turn[:, n_prompt:] = 0
-                        ends = torch.full((B, 1), n_prompt - 1, dtype=torch.long, device=device)
-                        cut.set_batch(P, img_emb.shape[1], stat_rows, answer_turn, ends, ends[:, 0] - (pb.n_gen - 1))
+                        cut.set_prompt(P, img_emb.shape[1], n_prompt, x, pb.n_gen)
                         cut.active = True
                         h = cut.hidden(lm, x)[0][:, -1]
                         cut.active = False
@@ -1039,7 +1044,7 @@ def main(argv=None):
                 lay = {k: v.to(device, non_blocking=True) for k, v in batch["layout"].items()}
                 cut.set_batch(P, n_img, lay["stat_rows"], lay["answer_turn"], lay["turn_ends"], lay["anchor"])
                 cut.active = True
-                h, rows = cut.hidden(lm, x)
+                h, _ = cut.hidden(lm, x)
                 cut.active = False
                 # answers follow the image: after the cut their rows move up by the removed count
                 logits = lm.lm_head(h[tpos[:, 0], tpos[:, 1] - (n_img - cut.keep)]).float()
